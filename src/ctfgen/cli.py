@@ -1,0 +1,194 @@
+"""The `ctfgen` command. Each subcommand parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import CtfgenError
+
+REPO_PRETRAINED = Path(__file__).resolve().parents[2] / "pretrained"
+
+
+def pretrained_dir() -> Path:
+    """Bundled assets: $CTFGEN_PRETRAINED, else the repository's pretrained/ folder."""
+    return Path(os.environ.get("CTFGEN_PRETRAINED", REPO_PRETRAINED))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fmnist", help="'fmnist' (bundled) or an image folder in ImageNet layout")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default $CTFGEN_DATA or "
+                                      "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--image-size", type=int, default=256, help="resize/crop size for image folders")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning")
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+def cmd_tokenizer_train(args) -> None:
+    from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizerTrainConfig)
+                                  if hasattr(args, f.name)})
+    result = train_tokenizer(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {result['checkpoint']} (step {result['step']})")
+
+
+def _load_tokenizer_and_data(args, split: str):
+    from .data import load_dataset
+    from .distributed import pick_device
+    from .tokenizer.model import VQModel
+
+    model = VQModel.from_pretrained(args.tokenizer, device=pick_device(args.device))
+    dataset = load_dataset(args.data, split, data_dir=args.data_dir, image_size=args.image_size,
+                           skip_bad=args.skip_bad_images)
+    return model, dataset
+
+
+def cmd_tokenizer_eval(args) -> None:
+    from .tokenizer.evaluate import evaluate_tokenizer
+
+    model, dataset = _load_tokenizer_and_data(args, args.split)
+    result = evaluate_tokenizer(model, dataset, batch_size=args.batch_size, limit=args.limit,
+                                num_workers=args.num_workers)
+    result |= {"split": args.split, "tokenizer": str(args.tokenizer)}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"PSNR {result['psnr']:.2f} dB over {result['n_images']} images; codebook usage "
+              f"{result['codebook_usage']:.1%} ({result['codes_used']}/{result['codebook_size']})")
+
+
+def cmd_tokenizer_reconstruct(args) -> None:
+    from .images import make_grid, save_png
+    from .tokenizer.evaluate import reconstruction_pairs
+
+    model, dataset = _load_tokenizer_and_data(args, args.split)
+    pairs = reconstruction_pairs(model, dataset, args.n)
+    print(f"wrote {save_png(make_grid(pairs, ncol=2 * args.columns), args.out)} "
+          f"(original | reconstruction pairs)")
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_weights, save_checkpoint, CONFIG_NAME
+
+    config = json.loads((Path(args.checkpoint) / CONFIG_NAME).read_text()) \
+        if (Path(args.checkpoint) / CONFIG_NAME).is_file() else None
+    if config is None:
+        raise CtfgenError(f"{args.checkpoint} is not a ctfgen checkpoint (no {CONFIG_NAME})")
+    config.pop("train", None)
+    config["exported_from"] = {"step": config.pop("step", None), "dtype": args.dtype}
+    save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {args.out} ({args.dtype})")
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> None:
+    import torch
+
+    from .data import FashionMNIST, to_uint8
+    from .images import add_row_labels, make_grid, save_png
+    from .tokenizer.model import VQModel
+
+    tic = time.perf_counter()
+    tokenizer_dir = Path(args.pipeline) / "tokenizer"
+    model = VQModel.from_pretrained(tokenizer_dir)
+    dataset = FashionMNIST("test", data_dir=args.data_dir)
+    per_class = args.per_class
+    picks = torch.cat([torch.nonzero(dataset.labels == c).flatten()[:per_class] for c in range(10)])
+    images = dataset.images(picks)
+    recon = model.decode(model.encode(images))
+    rows = torch.stack([to_uint8(images).view(10, per_class, 3, 32, 32),
+                        to_uint8(recon).view(10, per_class, 3, 32, 32)], dim=2).flatten(0, 2)
+    grid = add_row_labels(make_grid(rows, ncol=2 * per_class), list(dataset.classes), row_height=32)
+    path = save_png(grid, args.out)
+    print(f"wrote {path}: Fashion-MNIST test images (left of each pair) and their VQ reconstructions "
+          f"(right), a row per class, in {time.perf_counter() - tic:.1f}s")
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctfgen", description="Coarse-to-fine autoregressive image generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the bundled Fashion-MNIST demo (writes a PNG)")
+    demo.add_argument("--out", default="demo.png")
+    demo.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
+    demo.add_argument("--per-class", type=int, default=8)
+    demo.add_argument("--data-dir")
+    demo.set_defaults(func=cmd_demo)
+
+    tok = sub.add_parser("tokenizer", help="train and evaluate the VQ tokenizer").add_subparsers(
+        dest="tokenizer_command", required=True)
+    train = tok.add_parser("train", help="train a VQ tokenizer (single process or under torchrun)")
+    train.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl)")
+    train.add_argument("--model", default="VQ-fmnist", help="preset: VQ-fmnist, VQ-16, VQ-8, VQ-tiny")
+    _add_data_args(train)
+    train.add_argument("--codebook-size", type=int)
+    for name, kind, default in [("steps", int, 2000), ("batch-size", int, 128), ("lr", float, 1e-3),
+                                ("warmup-steps", int, 100), ("weight-decay", float, 0.0),
+                                ("grad-clip", float, 1.0), ("entropy-loss-ratio", float, 0.0),
+                                ("gan-weight", float, 0.0), ("gan-start", int, 1000),
+                                ("restart-every", int, 100), ("ckpt-every", int, 250), ("log-every", int, 10),
+                                ("seed", int, 0), ("num-workers", int, 0)]:
+        train.add_argument(f"--{name}", type=kind, default=default)
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 convolutions are slower there)")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    for name, func, helptext in [("eval", cmd_tokenizer_eval, "PSNR and codebook usage on a split"),
+                                 ("reconstruct", cmd_tokenizer_reconstruct, "originals vs reconstructions PNG")]:
+        p = tok.add_parser(name, help=helptext)
+        p.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))
+        p.add_argument("--split", default="test")
+        _add_data_args(p)
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=func)
+    evaluate = tok.choices["eval"]
+    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--num-workers", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true")
+    recon = tok.choices["reconstruct"]
+    recon.add_argument("--out", default="reconstructions.png")
+    recon.add_argument("--n", type=int, default=32)
+    recon.add_argument("--columns", type=int, default=8, help="pairs per row")
+
+    export = sub.add_parser("export", help="copy a checkpoint's weights without training state, cast to fp16/bf16")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CtfgenError as e:
+        print(f"ctfgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctfgen: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

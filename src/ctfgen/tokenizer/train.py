@@ -1,0 +1,245 @@
+"""Training the VQ tokenizer: MSE reconstruction + codebook/commitment (+ entropy, + PatchGAN).
+
+Dead codewords (unused over an interval) are restarted at encoder latents of the current batch:
+with 4096 codes and 64 tokens per image, many codes would otherwise never be chosen.
+Runs alone or under torchrun (DDP); the data order depends only on (seed, step), so `--resume`
+continues exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..batches import StepBatchSampler
+from ..checkpoint import load_train_state, load_weights
+from ..data import collate_images, load_dataset
+from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, init_runtime, shutdown
+from ..errors import CtfgenError
+from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .model import VQ_PRESETS, VQConfig, VQModel
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out: str
+    model: str = "VQ-fmnist"
+    data: str = "fmnist"
+    data_dir: str | None = None
+    image_size: int = 256  # image folders only; Fashion-MNIST is 32x32
+    codebook_size: int | None = None  # override the preset's
+    steps: int = 2000
+    batch_size: int = 128  # global, over all processes
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    entropy_loss_ratio: float = 0.0
+    gan_weight: float = 0.0  # 0 disables the discriminator
+    gan_start: int = 1000
+    restart_every: int = 100  # 0 disables dead-code restarts
+    ckpt_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast on CUDA; fp32 on CPU, where bf16 convolutions are slower
+    device: str = "auto"
+    num_workers: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+def autocast_context(precision: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp32": None, "auto": torch.bfloat16 if device.type == "cuda" else None}[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _build_model(cfg: TokenizerTrainConfig) -> VQModel:
+    if cfg.model not in VQ_PRESETS:
+        raise CtfgenError(f"unknown tokenizer preset {cfg.model!r}; choose one of {', '.join(VQ_PRESETS)}")
+    preset = VQ_PRESETS[cfg.model].to_dict()
+    if cfg.codebook_size:
+        preset["codebook_size"] = cfg.codebook_size
+    preset["entropy_loss_ratio"] = cfg.entropy_loss_ratio
+    return VQModel(VQConfig(**preset))
+
+
+def _learning_rate(cfg: TokenizerTrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, usage: torch.Tensor, latents: torch.Tensor, optimizer,
+                       runtime: Runtime, generator: torch.Generator) -> int:
+    """Move codewords unused since the last restart onto random latents of this batch (rank 0's)."""
+    dead = usage == 0
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return 0
+    weight = model.quantize.embedding.weight
+    picks = torch.randint(len(latents), (n_dead,), generator=generator)
+    jitter = 1e-3 * torch.randn(n_dead, latents.shape[1], generator=generator).to(latents.device)
+    new = F.normalize(latents[picks.to(latents.device)] + jitter, dim=-1)
+    weight[dead] = broadcast(new.to(weight.dtype).contiguous(), runtime)
+    for key in ("exp_avg", "exp_avg_sq"):  # stale Adam moments would drag the new codes back
+        state = optimizer.state.get(weight, {})
+        if key in state:
+            state[key][dead] = 0
+    return n_dead
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+    runtime = init_runtime(cfg.device)
+    try:
+        return _train(cfg, runtime)
+    finally:
+        shutdown(runtime)
+
+
+def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoint"
+    torch.manual_seed(cfg.seed + runtime.rank)
+    dataset = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, image_size=cfg.image_size,
+                           flip=cfg.data != "fmnist")
+    model = _build_model(cfg).to(runtime.device)
+    disc = PatchDiscriminator().to(runtime.device) if cfg.gan_weight > 0 else None
+    opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), **opt_args)
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), **opt_args) if disc else None
+    start_step = 0
+    if cfg.resume:
+        state = load_train_state(ckpt_dir)
+        model.load_state_dict(load_weights(ckpt_dir))
+        optimizer.load_state_dict(state["optimizer"])
+        if disc:
+            disc.load_state_dict(state["discriminator"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        start_step = int(state["step"])
+        torch.set_rng_state(state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0])
+    elif runtime.is_main and (ckpt_dir / "train_state.pt").exists():
+        raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if start_step >= cfg.steps:
+        raise CtfgenError(f"the run in {cfg.out} already reached step {start_step} of {cfg.steps}; raise --steps")
+    train_model = DDP(model, broadcast_buffers=False) if runtime.distributed else model
+    train_disc = DDP(disc, broadcast_buffers=False) if disc and runtime.distributed else disc
+
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
+                               end_step=cfg.steps, rank=runtime.rank, world_size=runtime.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.num_workers)
+    usage = torch.zeros(model.config.codebook_size, device=runtime.device)
+    restart_generator = torch.Generator().manual_seed(cfg.seed + start_step)
+    metrics_file = out / "metrics.jsonl"
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    stop = StopFlag()
+
+    def save(step: int):
+        rng = [torch.get_rng_state()]
+        if runtime.distributed:
+            gathered = [None] * runtime.world_size
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if runtime.is_main:
+            state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng}
+            if disc:
+                state |= {"discriminator": disc.state_dict(), "disc_optimizer": disc_optimizer.state_dict()}
+            model.save_pretrained(ckpt_dir, train_state=state, extra={"train": asdict(cfg), "step": step})
+        barrier(runtime)
+
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="tokenizer", unit="step",
+               disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
+    step, last = start_step, {}
+    tic = time.perf_counter()
+    for step, (images, _, _) in enumerate(loader, start=start_step):
+        images = images.to(runtime.device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(cfg, step)
+        with autocast_context(cfg.precision, runtime.device):
+            out_vq = train_model(images)
+        q = out_vq.quant
+        reconstruction = out_vq.reconstruction.float()
+        rec_loss = F.mse_loss(reconstruction, images)
+        loss = rec_loss + q.codebook_loss + q.commit_loss + q.entropy_loss
+        use_gan = disc is not None and step >= cfg.gan_start
+        if use_gan:
+            with autocast_context(cfg.precision, runtime.device):
+                loss = loss + cfg.gan_weight * generator_adv_loss(train_disc(reconstruction))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if use_gan:
+            with autocast_context(cfg.precision, runtime.device):
+                d_loss = hinge_d_loss(train_disc(images), train_disc(reconstruction.detach()))
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+
+        usage += torch.bincount(q.indices.flatten(), minlength=len(usage))
+        if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
+            all_reduce_sum(usage, runtime)
+            n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, restart_generator)
+            used_fraction = float((usage > 0).float().mean())
+            usage.zero_()
+            last["codebook_usage_window"] = used_fraction
+            last["restarted"] = n_restarted
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            with torch.no_grad():
+                mse = all_reduce_sum(rec_loss.detach().clone(), runtime) / runtime.world_size
+            psnr = float(10 * torch.log10(4.0 / mse))  # images span 2 units: [-1, 1]
+            elapsed = time.perf_counter() - tic
+            last |= {"step": step + 1, "loss": float(loss.detach()), "rec_mse": float(mse), "psnr_batch": psnr,
+                     "codebook_loss": float(q.codebook_loss), "commit_loss": float(q.commit_loss),
+                     "lr": _learning_rate(cfg, step), "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
+            if use_gan:
+                last["d_loss"] = float(d_loss)
+            tic = time.perf_counter()
+            if runtime.is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(psnr=f"{psnr:.2f}", usage=f"{last.get('codebook_usage_window', 0):.2f}")
+        bar.update(1)
+        stop_now = stop.raised
+        if runtime.distributed:  # every rank must agree to stop, or the next collective hangs
+            stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now)), runtime) > 0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now:
+            save(step + 1)
+        if stop_now:
+            break
+    bar.close()
+    stop.restore()
+    return {"step": step + 1, "checkpoint": str(ckpt_dir), **last}
