@@ -92,6 +92,70 @@ def cmd_export(args) -> None:
     print(f"exported {args.checkpoint} -> {args.out} ({args.dtype})")
 
 
+# --- coarse labels --------------------------------------------------------------------------
+
+def cmd_cluster(args) -> None:
+    from .clustering import cluster_codebook
+    from .tokenizer.model import VQModel
+
+    tic = time.perf_counter()
+    codebook = VQModel.from_pretrained(args.tokenizer).codebook_weights
+    coarse_map = cluster_codebook(codebook, args.k, method=args.method, seed=args.seed, n_init=args.n_init)
+    coarse_map.save(args.out)
+    result = {"out": str(args.out), "k": coarse_map.k, "method": coarse_map.method, "seed": coarse_map.seed,
+              "inertia": coarse_map.inertia, "cluster_sizes": coarse_map.size_stats(),
+              "fingerprint": coarse_map.fingerprint, "seconds": round(time.perf_counter() - tic, 2)}
+    if args.json:
+        _print_json(result)
+    else:
+        sizes = result["cluster_sizes"]
+        print(f"wrote {args.out}: {coarse_map.vocab_size} codes -> {coarse_map.k} clusters ({args.method}), "
+              f"inertia {coarse_map.inertia:.2f}, sizes {sizes['min']}..{sizes['max']} in {result['seconds']}s")
+
+
+def cmd_extract(args) -> None:
+    from .codes import extract_codes
+    from .data import load_dataset
+    from .distributed import init_runtime, shutdown
+    from .tokenizer.model import VQModel
+
+    runtime = init_runtime(args.device)
+    try:
+        tokenizer = VQModel.from_pretrained(args.tokenizer, device=runtime.device)
+        dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, image_size=args.image_size)
+        tic = time.perf_counter()
+        manifest = extract_codes(tokenizer, dataset, args.out, flip=args.flip, ten_crop=args.ten_crop,
+                                 batch_size=args.batch_size, num_workers=args.num_workers, runtime=runtime,
+                                 extra_manifest={"data": args.data, "split": args.split,
+                                                 "tokenizer": str(args.tokenizer)})
+        if runtime.is_main:
+            print(f"wrote {args.out}: {manifest['count']} images x {manifest['views']} views of "
+                  f"{manifest['grid'][0]}x{manifest['grid'][1]} tokens in {time.perf_counter() - tic:.0f}s")
+    finally:
+        shutdown(runtime)
+
+
+def cmd_redundancy(args) -> None:
+    from .clustering import CoarseMap
+    from .images import make_grid, save_png
+    from .redundancy import redundancy_study
+
+    model, dataset = _load_tokenizer_and_data(args, args.split)
+    coarse_map = CoarseMap.load(args.map)
+    figures, grid = redundancy_study(model, coarse_map, dataset, args.n, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid(grid, ncol=4), out / "redundancy.png")
+    (out / "redundancy.json").write_text(json.dumps(figures, indent=2) + "\n")
+    figures["grid"] = str(out / "redundancy.png")
+    if args.json:
+        _print_json(figures)
+    else:
+        print(f"cluster swap PSNR {figures['kmeans_psnr']:.2f} dB vs random-map swap {figures['random_psnr']:.2f} dB "
+              f"over {figures['n_images']} images; grid (original | reconstruction | k-means swap | random swap) "
+              f"at {figures['grid']}")
+
+
 # --- demo -------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> None:
@@ -168,6 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--out", default="reconstructions.png")
     recon.add_argument("--n", type=int, default=32)
     recon.add_argument("--columns", type=int, default=8, help="pairs per row")
+
+    cluster = sub.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
+    cluster.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))
+    cluster.add_argument("--k", type=int, required=True, help="number of clusters (coarse vocabulary)")
+    cluster.add_argument("--method", choices=["kmeans", "random"], default="kmeans")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--n-init", type=int, default=4, help="k-means restarts; the best is kept")
+    cluster.add_argument("--out", required=True, help="output .safetensors file")
+    cluster.add_argument("--json", action="store_true")
+    cluster.set_defaults(func=cmd_cluster)
+
+    extract = sub.add_parser("extract", help="encode a dataset to token grids on disk (torchrun shards it)")
+    extract.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))
+    _add_data_args(extract)
+    extract.add_argument("--split", default="train")
+    extract.add_argument("--out", required=True)
+    extract.add_argument("--flip", action="store_true", help="also store the codes of mirrored images")
+    extract.add_argument("--ten-crop", action="store_true", help="image folders: ten crops of a 1.1x resize")
+    extract.add_argument("--batch-size", type=int, default=500)
+    extract.add_argument("--num-workers", type=int, default=0)
+    extract.add_argument("--device", default="auto")
+    extract.set_defaults(func=cmd_extract)
+
+    redundancy = sub.add_parser("redundancy", help="swap tokens within clusters and measure the damage")
+    redundancy.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))
+    redundancy.add_argument("--map", required=True)
+    _add_data_args(redundancy)
+    redundancy.add_argument("--split", default="test")
+    redundancy.add_argument("--n", type=int, default=1000)
+    redundancy.add_argument("--seed", type=int, default=0)
+    redundancy.add_argument("--out", required=True, help="directory for redundancy.png and redundancy.json")
+    redundancy.add_argument("--device", default="auto")
+    redundancy.add_argument("--json", action="store_true")
+    redundancy.set_defaults(func=cmd_redundancy)
 
     export = sub.add_parser("export", help="copy a checkpoint's weights without training state, cast to fp16/bf16")
     export.add_argument("checkpoint")

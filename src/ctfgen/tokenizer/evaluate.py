@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import collate_images, crop_original, to_uint8
-from .model import VQModel, psnr_per_image
+from ..image_metrics import psnr_per_image
+from .model import VQModel
 
 
 @torch.no_grad()

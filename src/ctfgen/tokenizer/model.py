@@ -7,6 +7,7 @@ matter for that are kept on purpose and marked below.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -273,6 +274,15 @@ class VQModel(nn.Module):
         """The codewords as the quantizer uses them (L2-normalised when configured): [V, D]."""
         return self.quantize.codewords()
 
+    @property
+    def codebook_weights(self) -> torch.Tensor:
+        """The stored codebook weights [V, D], before normalisation (what coarse maps fingerprint)."""
+        return self.quantize.embedding.weight.detach()
+
+    @property
+    def fingerprint(self) -> str:
+        return codebook_fingerprint(self.codebook_weights)
+
     def quantize_images(self, images: torch.Tensor) -> QuantizerOutput:
         return self.quantize(self.quant_conv(self.encoder(images)))
 
@@ -309,14 +319,16 @@ class VQModel(nn.Module):
         return model.to(device).eval()
 
 
+def codebook_fingerprint(codebook: torch.Tensor) -> str:
+    """A short hash of the stored codebook weights rounded to fp16, so that a training checkpoint
+    and its fp16 export (the same tokenizer) agree."""
+    rounded = codebook.detach().cpu().half().contiguous()
+    digest = hashlib.sha256(rounded.numpy().tobytes() + str(tuple(rounded.shape)).encode()).hexdigest()
+    return digest[:16]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of uint8 images [B, ...] (peak 255), one value per image."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
-
-
-__all__ = ["VQConfig", "VQ_PRESETS", "VQModel", "count_parameters", "psnr_per_image"]
+__all__ = ["VQConfig", "VQ_PRESETS", "VQModel", "codebook_fingerprint", "count_parameters"]

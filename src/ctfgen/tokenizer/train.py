@@ -223,7 +223,7 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             psnr = float(10 * torch.log10(4.0 / mse))  # images span 2 units: [-1, 1]
             elapsed = time.perf_counter() - tic
             last |= {"step": step + 1, "loss": float(loss.detach()), "rec_mse": float(mse), "psnr_batch": psnr,
-                     "codebook_loss": float(q.codebook_loss), "commit_loss": float(q.commit_loss),
+                     "codebook_loss": float(q.codebook_loss.detach()), "commit_loss": float(q.commit_loss.detach()),
                      "lr": _learning_rate(cfg, step), "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
             if use_gan:
                 last["d_loss"] = float(d_loss)
