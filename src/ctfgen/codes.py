@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -48,8 +49,6 @@ class ViewDataset(Dataset):
     def _ten_crops(self, i: int) -> torch.Tensor:
         path, _ = self.dataset.files[i]
         size = self.dataset.image_size
-        from PIL import Image
-
         with Image.open(path) as f:
             big = center_crop(f.convert("RGB"), int(size * self.crop_range))
         arr = torch.from_numpy(np.asarray(big, dtype=np.uint8).copy()).permute(2, 0, 1)

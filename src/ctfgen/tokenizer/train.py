@@ -242,4 +242,4 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             break
     bar.close()
     stop.restore()
-    return {"step": step + 1, "checkpoint": str(ckpt_dir), **last}
+    return {**last, "step": step + 1, "checkpoint": str(ckpt_dir)}
