@@ -58,10 +58,12 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise CtfgenError(f"{path} is not an IDX file of unsigned bytes; reinstall the dataset")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise CtfgenError(f"{path} is truncated (a {len(raw)}-byte header for {ndim} dimensions); reinstall the dataset")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise CtfgenError(f"{path} is truncated ({data.size} bytes for shape {shape}); reinstall the dataset")
+        raise CtfgenError(f"{path} has the wrong size ({data.size} bytes for shape {shape}); reinstall the dataset")
     return data.reshape(shape)
 
 

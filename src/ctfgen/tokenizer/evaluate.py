@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..errors import CtfgenError
 from ..data import collate_images, crop_original, to_uint8
 from ..image_metrics import psnr_per_image
 from .model import VQModel
@@ -21,7 +22,7 @@ def evaluate_tokenizer(model: VQModel, dataset, *, batch_size: int = 256, limit:
                         collate_fn=collate_images, num_workers=num_workers)
     used = torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
     psnrs, n_skipped = [], 0
-    for images, _, skipped in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+    for images, _, skipped in tqdm(loader, desc="eval", unit="batch", disable=None if progress else True, leave=False):
         n_skipped += skipped
         if len(images) == 0:
             continue
@@ -31,6 +32,8 @@ def evaluate_tokenizer(model: VQModel, dataset, *, batch_size: int = 256, limit:
         recon = model.decode(codes)
         psnrs.append(psnr_per_image(to_uint8(crop_original(images, dataset)),
                                     to_uint8(crop_original(recon, dataset))).cpu())
+    if not psnrs:
+        raise CtfgenError(f"no readable images to evaluate ({n_skipped} skipped as unreadable)")
     psnr = torch.cat(psnrs)
     return {"psnr": float(psnr.mean()), "psnr_std": float(psnr.std()), "codebook_usage": float(used.float().mean()),
             "codes_used": int(used.sum()), "codebook_size": model.config.codebook_size,

@@ -131,9 +131,9 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoint"
     torch.manual_seed(cfg.seed + runtime.rank)
+    model = _build_model(cfg).to(runtime.device)
     dataset = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, image_size=cfg.image_size,
                            flip=cfg.data != "fmnist")
-    model = _build_model(cfg).to(runtime.device)
     disc = PatchDiscriminator().to(runtime.device) if cfg.gan_weight > 0 else None
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(model.parameters(), **opt_args)

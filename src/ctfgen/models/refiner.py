@@ -1,0 +1,83 @@
+"""The CTF stage-2 refiner: coarse grid -> fine-token logits at every position, in one pass.
+
+A bidirectional transformer built from the GPT's blocks (`gpt.py`) without the causal mask: the
+input is [class token] + embeddings of the K-way coarse labels of the whole grid, with the GPT's
+2-D RoPE positions; the output is V-way fine-token logits at every grid position. Class dropout
+is kept so that stage 2 can use classifier-free guidance too. Restricting a position's fine token
+to its cluster is the sampler's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .gpt import (MODEL_SHAPES, GPTConfig, LabelEmbedder, PretrainedMixin, RMSNorm, Rotary2D, TransformerBlock,
+                  _from_preset, drop_path_rates, init_weights)
+
+CHECKPOINT_KIND = "refiner"
+
+
+@dataclass
+class RefinerConfig(GPTConfig):
+    """GPTConfig plus the input vocabulary: coarse labels in [0, coarse_vocab_size) go in, fine
+    tokens in [0, vocab_size) come out."""
+
+    coarse_vocab_size: int = 512
+
+
+REFINER_PRESETS = {name: RefinerConfig(**shape) for name, shape in MODEL_SHAPES.items()}
+
+
+def refiner_config(preset: str, coarse_vocab_size: int, vocab_size: int, block_size: int, num_classes: int,
+                   **overrides) -> RefinerConfig:
+    """A preset's shape (the GPT's names: "GPT-B", ..., "GPT-S", "GPT-tiny") for K coarse labels in,
+    V fine tokens out."""
+    return _from_preset(REFINER_PRESETS, preset, coarse_vocab_size=coarse_vocab_size, vocab_size=vocab_size,
+                        block_size=block_size, num_classes=num_classes, **overrides)
+
+
+class Refiner(PretrainedMixin, nn.Module):
+    checkpoint_kind = CHECKPOINT_KIND
+    config_class = RefinerConfig
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.coarse_vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(config, p, causal=False) for p in drop_path_rates(config))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rope = Rotary2D(config)
+        init_weights(self, config.initializer_range)
+        nn.init.zeros_(self.output.weight)
+
+    def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
+        """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole
+        grid), labels [B] class ids (num_classes = null class).
+
+        Returns (logits [B, T, vocab_size] fp32, loss or None): logits[:, t] is the fine token at
+        position t given the class and the WHOLE coarse grid. With targets [B, T] (the fine tokens),
+        loss is the mean cross-entropy (ignore_index -100). Class dropout applies in training mode.
+        """
+        t = coarse.shape[1]
+        if not 1 <= t <= self.config.block_size:
+            raise ValueError(f"Refiner got {t} tokens per sample; it takes 1 to block_size={self.config.block_size}")
+        h = torch.cat([self.cls_embedding(labels, train=self.training), self.tok_embeddings(coarse)], dim=1)
+        h = self.tok_dropout(h)
+        freqs_cis = self.rope.freqs_cis[: t + 1]
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        logits = self.output(self.norm(h[:, 1:])).float()  # drop the class-token position
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+__all__ = ["Refiner", "RefinerConfig", "REFINER_PRESETS", "refiner_config"]
