@@ -24,14 +24,21 @@ class StepBatchSampler(Sampler[list[int]]):
         self.steps_per_epoch = n_items // global_batch  # the last partial batch of an epoch is dropped
         self._epoch, self._perm = -1, None
 
-    def indices(self, step: int) -> list[int]:
+    def global_indices(self, step: int) -> torch.Tensor:
+        """The whole batch of `step`, over all processes."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n_items, generator=generator)
-        batch = self._perm[position * self.global_batch:(position + 1) * self.global_batch]
+        return self._perm[position * self.global_batch:(position + 1) * self.global_batch]
+
+    def local_slice(self) -> slice:
+        """This process's share of a global batch."""
         local = self.global_batch // self.world_size
-        return batch[self.rank * local:(self.rank + 1) * local].tolist()
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+    def indices(self, step: int) -> list[int]:
+        return self.global_indices(step)[self.local_slice()].tolist()
 
     def __iter__(self):
         step = self.start_step

@@ -92,6 +92,18 @@ def cmd_export(args) -> None:
     print(f"exported {args.checkpoint} -> {args.out} ({args.dtype})")
 
 
+# --- transformers ---------------------------------------------------------------------------
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        extra = "".join(f", {k} {result[k]:.4f}" for k in ("loss", "eval_loss", "eval_acc") if k in result)
+        print(f"checkpoint: {result['checkpoint']} (step {result['step']}{extra})")
+
+
 # --- coarse labels --------------------------------------------------------------------------
 
 def cmd_cluster(args) -> None:
@@ -232,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--out", default="reconstructions.png")
     recon.add_argument("--n", type=int, default=32)
     recon.add_argument("--columns", type=int, default=8, help="pairs per row")
+
+    tr = sub.add_parser("train", help="train the baseline GPT, the stage-1 GPT or the stage-2 refiner")
+    tr.add_argument("--stage", required=True, choices=["baseline", "stage1", "stage2"])
+    tr.add_argument("--codes", required=True, help="training codes from `ctfgen extract`")
+    tr.add_argument("--eval-codes", help="held-out codes for loss/accuracy every --eval-every steps")
+    tr.add_argument("--map", help="coarse map (stage1, stage2)")
+    tr.add_argument("--model", default="GPT-S", help="preset: GPT-tiny, GPT-S, GPT-M, GPT-B, GPT-L, GPT-XL, GPT-XXL")
+    tr.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl)")
+    for name, kind, default in [("steps", int, 1000), ("batch-size", int, 64), ("grad-accum", int, 1),
+                                ("lr", float, 1e-4), ("weight-decay", float, 0.05), ("grad-clip", float, 1.0),
+                                ("warmup-steps", int, 0), ("class-dropout", float, 0.1), ("dropout", float, None),
+                                ("ema", float, 0.0), ("eval-every", int, 500), ("eval-items", int, 2000),
+                                ("ckpt-every", int, 500), ("log-every", int, 10), ("seed", int, 0)]:
+        tr.add_argument(f"--{name}", type=kind, default=default)
+    tr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--no-progress", dest="progress", action="store_false")
+    tr.set_defaults(func=cmd_train)
 
     cluster = sub.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
     cluster.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))

@@ -1,0 +1,264 @@
+"""One training loop for every transformer stage.
+
+    baseline  GPT over fine tokens (vocabulary V)           next-token cross-entropy
+    stage1    GPT over coarse labels (vocabulary K)         next-token cross-entropy
+    stage2    refiner: class + coarse grid -> fine tokens   per-position cross-entropy, one pass
+
+LlamaGen's defaults (AdamW lr 1e-4, wd 0.05, betas 0.9/0.95, clip 1.0, class dropout 0.1), bf16
+autocast, gradient accumulation, optional EMA, held-out loss/accuracy, a JSONL metrics log and
+atomic checkpoints every N steps and on SIGTERM/SIGINT. The data order, the flip view of every
+item and all dropout masks depend only on (seed, step) and the saved RNG state, so `--resume`
+continues exactly. Runs alone or under torchrun (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .batches import StepBatchSampler
+from .checkpoint import load_train_state, load_weights
+from .clustering import CoarseMap
+from .codes import CodeDataset
+from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
+from .errors import CtfgenError
+from .models.gpt import GPT, gpt_config
+from .models.refiner import Refiner, refiner_config
+from .tokenizer.train import StopFlag, autocast_context
+
+STAGES = ("baseline", "stage1", "stage2")
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    codes: str
+    out: str
+    model: str = "GPT-S"
+    map: str | None = None
+    eval_codes: str | None = None
+    steps: int = 1000
+    batch_size: int = 64  # global, over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    class_dropout: float = 0.1
+    dropout: float | None = None  # overrides token/residual/FFN dropout (LlamaGen: 0.1)
+    ema: float = 0.0  # EMA decay; 0 disables
+    eval_every: int = 500
+    eval_items: int = 2000
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "bf16"  # bf16 autocast (CPU and CUDA) or fp32
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+
+class StageData:
+    """Turns stored fine grids into (inputs, labels, targets) for a stage."""
+
+    def __init__(self, stage: str, codes: CodeDataset, coarse_map: CoarseMap | None):
+        if stage not in STAGES:
+            raise CtfgenError(f"unknown --stage {stage!r}; use one of {', '.join(STAGES)}")
+        if stage != "baseline" and coarse_map is None:
+            raise CtfgenError(f"--stage {stage} needs --map (a coarse map from `ctfgen cluster`)")
+        self.stage, self.codes, self.coarse_map = stage, codes, coarse_map
+        h, w = codes.manifest["grid"]
+        self.block_size = h * w
+        self.num_classes = int(codes.labels.max()) + 1
+        self.fine_vocab = codes.manifest["codebook_size"]
+
+    @property
+    def input_vocab(self) -> int:
+        return self.fine_vocab if self.stage == "baseline" else self.coarse_map.k
+
+    @property
+    def target_vocab(self) -> int:
+        return self.coarse_map.k if self.stage == "stage1" else self.fine_vocab
+
+    def batch(self, index, views: torch.Tensor | None = None):
+        """Fine grids of `index` (view `views[i]` of item i; view 0 by default) as stage tensors."""
+        grids = self.codes.grids(index)  # [B, views, h, w]
+        views = torch.zeros(len(grids), dtype=torch.long) if views is None else views
+        fine = grids[torch.arange(len(grids)), views].flatten(1)  # [B, T]
+        labels = self.codes.labels[torch.as_tensor(index)]
+        if self.stage == "baseline":
+            return fine, labels, fine
+        coarse = self.coarse_map.coarse_of_fine[fine]
+        return coarse, labels, (coarse if self.stage == "stage1" else fine)
+
+
+def build_model(cfg: TrainConfig, data: StageData):
+    overrides = {"class_dropout_prob": cfg.class_dropout}
+    if cfg.dropout is not None:
+        overrides |= {"token_dropout_p": cfg.dropout, "resid_dropout_p": cfg.dropout, "ffn_dropout_p": cfg.dropout}
+    shape = dict(block_size=data.block_size, num_classes=data.num_classes)
+    if cfg.stage == "stage2":
+        return Refiner(refiner_config(cfg.model, vocab_size=data.fine_vocab, coarse_vocab_size=data.input_vocab,
+                                      **shape, **overrides))
+    return GPT(gpt_config(cfg.model, vocab_size=data.target_vocab, **shape, **overrides))
+
+
+def stage_loss(model, inputs, labels, targets):
+    """Mean cross-entropy and number of correct top-1 predictions over every predicted position."""
+    logits, loss = model(inputs, labels, targets)  # logits [B, T, vocab]
+    return loss, (logits.argmax(-1) == targets).sum()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Weight decay on matrices and embeddings, not on norms (as LlamaGen / nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime, batch_size: int = 250) -> dict:
+    """Loss and top-1 accuracy on the first `eval_items` held-out items, split over processes."""
+    was_training = model.training
+    model.eval()
+    n = min(cfg.eval_items, len(data.codes))
+    totals = torch.zeros(3, dtype=torch.float64)
+    mine = list(range(runtime.rank, n, runtime.world_size))
+    for start in range(0, len(mine), batch_size):
+        inputs, labels, targets = data.batch(mine[start:start + batch_size])
+        inputs, labels, targets = (t.to(runtime.device) for t in (inputs, labels, targets))
+        with autocast_context(cfg.precision, runtime.device):
+            loss, correct = stage_loss(model, inputs, labels, targets)
+        totals += torch.tensor([float(loss) * targets.numel(), float(correct), targets.numel()], dtype=torch.float64)
+    all_reduce_sum(totals, runtime)
+    model.train(was_training)
+    return {"eval_loss": float(totals[0] / totals[2]), "eval_acc": float(totals[1] / totals[2])}
+
+
+def train(cfg: TrainConfig) -> dict:
+    runtime = init_runtime(cfg.device)
+    try:
+        return _train(cfg, runtime)
+    finally:
+        shutdown(runtime)
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+    out, device = Path(cfg.out), runtime.device
+    ckpt_dir = out / "checkpoint"
+    coarse_map = CoarseMap.load(cfg.map) if cfg.map else None
+    data = StageData(cfg.stage, CodeDataset(cfg.codes, coarse_map), coarse_map)
+    eval_data = StageData(cfg.stage, CodeDataset(cfg.eval_codes, coarse_map), coarse_map) if cfg.eval_codes else None
+    if cfg.batch_size % (runtime.world_size * cfg.grad_accum):
+        raise CtfgenError(f"--batch-size {cfg.batch_size} must divide evenly into {runtime.world_size} processes "
+                          f"x {cfg.grad_accum} accumulation steps")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg, data).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
+    start_step = 0
+    if cfg.resume:
+        state = load_train_state(ckpt_dir)
+        model.load_state_dict(load_weights(ckpt_dir))
+        optimizer.load_state_dict(state["optimizer"])
+        ema = state.get("ema", ema)
+        start_step = int(state["step"])
+        torch.set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
+    else:
+        if runtime.is_main and (ckpt_dir / "train_state.pt").exists():
+            raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
+        torch.manual_seed(cfg.seed * 1000 + runtime.rank + 1)  # dropout masks differ between ranks
+    if start_step >= cfg.steps:
+        raise CtfgenError(f"the run in {cfg.out} already reached step {start_step} of {cfg.steps}; raise --steps")
+    train_model = wrap_for_training(model, cfg, runtime)
+
+    sampler = StepBatchSampler(len(data.codes), cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
+                               world_size=runtime.world_size)
+    n_views = data.codes.manifest["views"]
+    metrics_file = out / "metrics.jsonl"
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    model_config = model.config.to_dict()
+
+    def save(step: int):
+        rng = [torch.get_rng_state()]
+        if runtime.distributed:
+            gathered = [None] * runtime.world_size
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if runtime.is_main:
+            state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng}
+            if ema is not None:
+                state["ema"] = ema
+            model.save_pretrained(ckpt_dir, train_state=state,
+                                  extra={"train": asdict(cfg), "step": step, "stage": cfg.stage})
+        barrier(runtime)
+
+    stop = StopFlag()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.stage, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and runtime.is_main))
+    model.train()
+    tokens_per_step = cfg.batch_size * data.block_size
+    last, tic, step = {}, time.perf_counter(), start_step
+    for step in range(start_step, cfg.steps):
+        batch = sampler.global_indices(step)
+        views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+        local = sampler.local_slice()
+        index, views = batch[local], views[local]
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = torch.zeros((), device=device)
+        for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum)):
+            inputs, labels, targets = (t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
+            with autocast_context(cfg.precision, device):
+                loss, _ = stage_loss(train_model, inputs, labels, targets)
+            (loss / cfg.grad_accum).backward()
+            total_loss += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for name, value in model.state_dict().items():
+                    ema[name].lerp_(value.float(), 1 - cfg.ema)
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean_loss = float(all_reduce_sum(total_loss.clone(), runtime)) / runtime.world_size
+            elapsed = time.perf_counter() - tic
+            last = {"step": step + 1, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
+                    "tokens_per_s": tokens_per_step * cfg.log_every / elapsed}
+            tic = time.perf_counter()
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            last |= {"step": step + 1, **held_out_metrics(train_model, eval_data, cfg, runtime)}
+        if last.get("step") == step + 1 and runtime.is_main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.update(1)
+        stop_now = stop.raised
+        if runtime.distributed:
+            stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now)), runtime) > 0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now:
+            save(step + 1)
+        if stop_now:
+            break
+    bar.close()
+    stop.restore()
+    return {**last, "step": step + 1, "checkpoint": str(ckpt_dir), "config": model_config}
+
+
+def wrap_for_training(model, cfg: TrainConfig, runtime: Runtime):
+    if not runtime.distributed:
+        return model
+    return DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
