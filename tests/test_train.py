@@ -1,0 +1,108 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ctfgen import cli
+from ctfgen.checkpoint import load_weights
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory, fake_fmnist):
+    """Train/test codes of the synthetic Fashion-MNIST under a tiny tokenizer, and a K=8 map."""
+    from ctfgen.tokenizer.model import VQ_PRESETS, VQModel
+
+    root = tmp_path_factory.mktemp("codes")
+    torch.manual_seed(0)
+    VQModel(VQ_PRESETS["VQ-tiny"]).save_pretrained(root / "tok")
+    for split, extra in (("train", ["--flip"]), ("test", [])):
+        assert cli.main(["extract", "--tokenizer", str(root / "tok"), "--data-dir", str(fake_fmnist), "--split",
+                         split, "--out", str(root / split), *extra]) == 0
+    assert cli.main(["cluster", "--tokenizer", str(root / "tok"), "--k", "8", "--out", str(root / "map.st")]) == 0
+    return root
+
+
+def train_args(codes, out, *extra):
+    return ["train", "--codes", str(codes / "train"), "--map", str(codes / "map.st"), "--model", "GPT-tiny",
+            "--out", str(out), "--batch-size", "16", "--lr", "1e-3", "--precision", "fp32", "--no-progress",
+            "--log-every", "1", *extra]
+
+
+def assert_same_weights(a_dir, b_dir, atol):
+    a, b = load_weights(a_dir), load_weights(b_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= atol, name
+
+
+@pytest.mark.parametrize("stage", ["baseline", "stage1", "stage2"])
+def test_each_stage_trains_and_improves(codes, tmp_path, stage, capsys):
+    assert cli.main(train_args(codes, tmp_path / "run", "--stage", stage, "--steps", "30", "--eval-codes",
+                               str(codes / "test"), "--eval-every", "30", "--eval-items", "32")) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert 0 <= metrics[-1]["eval_acc"] <= 1 and metrics[-1]["step"] == 30
+    config = json.loads((tmp_path / "run/checkpoint/config.json").read_text())
+    vocab = {"baseline": 64, "stage1": 8, "stage2": 64}[stage]
+    assert config["model"]["vocab_size"] == vocab
+
+
+def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
+    """Kill a run hard after a checkpoint at step N; resuming to 2N gives the uninterrupted weights."""
+    args = train_args(codes, tmp_path / "killed", "--stage", "stage1", "--steps", "100000", "--ckpt-every", "4")
+    proc = subprocess.Popen([sys.executable, "-m", "ctfgen.cli", *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = tmp_path / "killed/checkpoint/config.json"
+    deadline = time.time() + 120
+    while not config.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n = json.loads(config.read_text())["step"]
+    assert n >= 4 and n % 4 == 0
+
+    assert cli.main(train_args(codes, tmp_path / "killed", "--stage", "stage1", "--steps", str(2 * n),
+                               "--ckpt-every", "4", "--resume")) == 0
+    assert cli.main(train_args(codes, tmp_path / "straight", "--stage", "stage1", "--steps", str(2 * n),
+                               "--ckpt-every", "4")) == 0
+    assert json.loads(config.read_text())["step"] == 2 * n
+    assert_same_weights(tmp_path / "killed/checkpoint", tmp_path / "straight/checkpoint", atol=1e-6)
+
+
+def test_refuses_to_overwrite_and_needs_a_map(codes, tmp_path, capsys):
+    assert cli.main(train_args(codes, tmp_path / "run", "--stage", "stage2", "--steps", "1")) == 0
+    assert cli.main(train_args(codes, tmp_path / "run", "--stage", "stage2", "--steps", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    args = train_args(codes, tmp_path / "nomap", "--stage", "stage1", "--steps", "1")
+    args.pop(args.index("--map") + 1), args.remove("--map")
+    assert cli.main(args) == 2
+    assert "--map" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_match_one(codes, tmp_path):
+    common = ["--stage", "stage2", "--steps", "3", "--dropout", "0", "--class-dropout", "0"]
+    one = subprocess.run([sys.executable, "-m", "ctfgen.cli", *train_args(codes, tmp_path / "one", *common)],
+                         env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "ctfgen.cli", *train_args(codes, tmp_path / "two", *common)],
+                         env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert_same_weights(tmp_path / "one/checkpoint", tmp_path / "two/checkpoint", atol=1e-5)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
+    common = ["--stage", "baseline", "--steps", "2", "--dropout", "0", "--class-dropout", "0"]
+    assert cli.main(train_args(codes, tmp_path / "big", *common)) == 0
+    assert cli.main(train_args(codes, tmp_path / "acc", *common, "--grad-accum", "4")) == 0
+    assert_same_weights(tmp_path / "big/checkpoint", tmp_path / "acc/checkpoint", atol=1e-5)
