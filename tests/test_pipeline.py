@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from ctfgen.clustering import cluster_codebook
+from ctfgen.errors import CtfgenError
+from ctfgen.models.gpt import GPT, gpt_config
+from ctfgen.models.refiner import Refiner, refiner_config
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+
+TOKENIZER = VQConfig(**(VQ_PRESETS["VQ-tiny"].to_dict() | {"encoder_ch_mult": [1, 1, 1], "decoder_ch_mult": [1, 1, 1]}))
+
+
+def make_parts(seed=0):
+    torch.manual_seed(seed)
+    tokenizer = VQModel(TOKENIZER).eval()  # 32x32 -> 8x8 tokens, 64 codes
+    coarse_map = cluster_codebook(tokenizer.codebook_weights, 8, seed=0)
+    shape = dict(block_size=64, num_classes=10)
+    stage1 = GPT(gpt_config("GPT-tiny", vocab_size=8, **shape)).eval()
+    stage2 = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, **shape)).eval()
+    baseline = GPT(gpt_config("GPT-tiny", vocab_size=64, **shape)).eval()
+    for model in (stage1, stage2, baseline):
+        torch.nn.init.normal_(model.output.weight, std=0.5)
+    return dict(tokenizer=tokenizer, coarse_map=coarse_map, stage1=stage1, stage2=stage2, baseline=baseline)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return CTFPipeline(**make_parts())
+
+
+def test_images_seeds_and_preview(pipe):
+    out = pipe([0, 3, 7], seed=1, preview=True)
+    assert len(out.images) == 3 and out.images[0].size == (32, 32) and out.images[0].mode == "RGB"
+    assert len(out.previews) == 3
+    assert torch.equal(out.pixels, pipe([0, 3, 7], seed=1).pixels)
+    assert not torch.equal(out.pixels, pipe([0, 3, 7], seed=2).pixels)
+    assert pipe([1, 2], mode="baseline", seed=0).pixels.shape == (2, 3, 32, 32)
+
+
+def test_save_and_load_roundtrip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe", dtype=None)
+    loaded = CTFPipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(loaded([4, 5], seed=3).pixels, pipe([4, 5], seed=3).pixels)
+    assert torch.equal(loaded([4, 5], seed=3, mode="baseline").pixels, pipe([4, 5], seed=3, mode="baseline").pixels)
+
+
+def test_parts_that_disagree_are_refused():
+    parts = make_parts()
+    other = make_parts(seed=1)
+    with pytest.raises(CtfgenError, match="another codebook"):
+        CTFPipeline(**(parts | {"coarse_map": other["coarse_map"]}))
+    with pytest.raises(CtfgenError, match="stage 1 predicts"):
+        CTFPipeline(**(parts | {"stage1": parts["baseline"]}))
+    with pytest.raises(CtfgenError, match="baseline predicts"):
+        CTFPipeline(**(parts | {"baseline": parts["stage1"]}))
+
+
+@pytest.mark.parametrize("labels,kwargs,message", [
+    ([10], {}, "out of range"), ([-1], {}, "out of range"), ([], {}, "no class labels"),
+    ([1], {"cfg_scale": 0.5}, "cfg_scale"), ([1], {"top_k": 9}, "top_k"),
+    ([1], {"mode": "baseline", "preview": True}, "preview"),
+])
+def test_bad_requests_are_refused(pipe, labels, kwargs, message):
+    with pytest.raises(CtfgenError, match=message):
+        pipe(labels, **kwargs)
+
+
+def test_not_a_pipeline_directory(tmp_path):
+    with pytest.raises(CtfgenError, match="not a ctfgen pipeline"):
+        CTFPipeline.from_pretrained(tmp_path)
