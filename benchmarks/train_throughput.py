@@ -16,7 +16,7 @@ import time
 import torch
 
 from ctfgen.models.gpt import GPT, gpt_config
-from ctfgen.tokenizer.train import autocast_context
+from ctfgen.precision import autocast_context, cpu_has_fast_bf16
 from ctfgen.train import param_groups
 
 
@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     result = {"model": args.model, "vocab": args.vocab, "batch": args.batch, "block_size": args.block_size,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "cpu_has_fast_bf16": cpu_has_fast_bf16()}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = GPT(gpt_config(args.model, vocab_size=args.vocab, block_size=args.block_size, num_classes=10)).train()

@@ -69,3 +69,30 @@ def test_bad_requests_are_refused(pipe, labels, kwargs, message):
 def test_not_a_pipeline_directory(tmp_path):
     with pytest.raises(CtfgenError, match="not a ctfgen pipeline"):
         CTFPipeline.from_pretrained(tmp_path)
+
+
+def test_sample_and_bench_commands(pipe, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from ctfgen import cli
+
+    pipe.save_pretrained(tmp_path / "pipe", dtype=None)
+    assert cli.main(["sample", "--pipeline", str(tmp_path / "pipe"), "--per-class", "2", "--batch", "8",
+                     "--npz", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "grid.png")]) == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+        assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (tmp_path / "grid.png").is_file()
+    capsys.readouterr()
+    for bad in (["--per-class", "0"], ["--classes", "0,12"], ["--classes", "1", "--cfg-scale", "0.5"],
+                ["--classes", "1", "--top-k", "100"]):
+        assert cli.main(["sample", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "bad"), *bad]) == 2
+        assert capsys.readouterr().err.startswith("ctfgen: error:")
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    assert cli.main(["sample", "--pipeline", str(tmp_path), "--classes", "1"]) == 2
+    assert cli.main(["bench", "--pipeline", str(tmp_path / "pipe"), "--batch", "4", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ctf"]["images_per_s"] > 0 and result["baseline"]["images_per_s"] > 0
+    assert 0 < result["ctf"]["decode_step_fraction_of_peak"] < 1.5

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,3 +107,43 @@ def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
     assert cli.main(train_args(codes, tmp_path / "big", *common)) == 0
     assert cli.main(train_args(codes, tmp_path / "acc", *common, "--grad-accum", "4")) == 0
     assert_same_weights(tmp_path / "big/checkpoint", tmp_path / "acc/checkpoint", atol=1e-5)
+
+
+def test_fsdp_two_processes_match_one(codes, tmp_path):
+    """2 gloo processes under FSDP train like one process, and resume from and into unsharded checkpoints."""
+    from ctfgen.models.refiner import Refiner
+
+    common = ["--stage", "stage2", "--dropout", "0", "--class-dropout", "0", "--ema", "0.9", "--eval-codes",
+              str(codes / "test"), "--eval-every", "1", "--eval-items", "32"]
+
+    def fsdp_run(out, *extra):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "ctfgen.cli", *train_args(codes, out, *common, "--fsdp", *extra)],
+                             env=ENV, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+
+    assert cli.main(train_args(codes, tmp_path / "one", *common, "--steps", "3")) == 0
+    assert cli.main(train_args(codes, tmp_path / "half", *common, "--steps", "2", "--fsdp")) == 0  # unsharded
+    fsdp_run(tmp_path / "fsdp", "--steps", "2")
+    assert_same_weights(tmp_path / "half/checkpoint", tmp_path / "fsdp/checkpoint", atol=1e-5)
+    # The same checkpoint format as an unsharded run: full weights, optimizer state numbered as usual, full EMA.
+    Refiner.from_pretrained(tmp_path / "fsdp/checkpoint")
+    half, fsdp = (torch.load(tmp_path / run / "checkpoint/train_state.pt") for run in ("half", "fsdp"))
+    assert half.keys() == fsdp.keys() and half["optimizer"]["param_groups"] == fsdp["optimizer"]["param_groups"]
+    torch.testing.assert_close(fsdp["optimizer"]["state"], half["optimizer"]["state"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fsdp["ema"], half["ema"], atol=1e-5, rtol=0)
+
+    # Resume across the two kinds of run: FSDP from the unsharded checkpoint, unsharded from the FSDP one.
+    shutil.copytree(tmp_path / "half", tmp_path / "into_fsdp")
+    fsdp_run(tmp_path / "into_fsdp", "--steps", "3", "--resume")
+    assert cli.main(train_args(codes, tmp_path / "fsdp", *common, "--steps", "3", "--resume")) == 0
+    for run in ("into_fsdp", "fsdp"):
+        assert_same_weights(tmp_path / "one/checkpoint", tmp_path / run / "checkpoint", atol=1e-5)
+        ema = [torch.load(tmp_path / r / "checkpoint/train_state.pt")["ema"] for r in (run, "one")]
+        torch.testing.assert_close(ema[0], ema[1], atol=1e-5, rtol=0)
+        metrics = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+                   for r in ("one", run)]
+        # Top-1 accuracy may flip on near-ties (the output layer starts at zero): a few tokens of 32 x 256.
+        for key, atol in (("loss", 1e-5), ("grad_norm", 1e-5), ("eval_loss", 1e-5), ("eval_acc", 1e-3)):
+            torch.testing.assert_close(torch.tensor([m[key] for m in metrics[1]]),
+                                       torch.tensor([m[key] for m in metrics[0]]), atol=atol, rtol=1e-5)

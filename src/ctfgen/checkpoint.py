@@ -98,3 +98,17 @@ def load_train_state(directory) -> dict:
     if not path.is_file():
         raise CtfgenError(f"{directory} has no {TRAIN_STATE_NAME}: it cannot be resumed (exported weights only)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng() -> dict:
+    """This process's random state (CPU, and CUDA when present) for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -104,6 +104,81 @@ def cmd_train(args) -> None:
         print(f"checkpoint: {result['checkpoint']} (step {result['step']}{extra})")
 
 
+# --- sampling -----------------------------------------------------------------------------
+
+def _sampling_kwargs(args) -> dict:
+    return dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, tau1=args.tau1, tau2=args.tau2,
+                top_k=args.top_k, top_p=args.top_p, top_k2=args.top_k2, cfg_scale2=args.cfg_scale2,
+                restrict=not args.unrestricted)
+
+
+def _class_list(args, num_classes: int) -> list[int]:
+    if args.classes:
+        try:
+            return [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise CtfgenError(f"--classes takes comma-separated class ids, e.g. 0,3,7; got {args.classes!r}") from None
+    if args.per_class < 1:
+        raise CtfgenError(f"--per-class must be at least 1, got {args.per_class}")
+    return [c for c in range(num_classes) for _ in range(args.per_class)]
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import write_atomic
+    from .images import make_grid, save_png
+    from .pipeline import CTFPipeline
+
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    classes = _class_list(args, pipe.num_classes)
+    mode = "baseline" if args.baseline else "ctf"
+    pixels = []
+    batches = [classes[i:i + args.batch] for i in range(0, len(classes), args.batch)]
+    for i, batch in enumerate(tqdm(batches, desc=f"sample[{mode}]", unit="batch", disable=None)):
+        pixels.append(pipe(batch, mode=mode, seed=args.seed + i, batch_size=args.batch,
+                           **_sampling_kwargs(args)).pixels)
+    pixels = torch.cat(pixels)
+    labels = np.asarray(classes, dtype=np.int64)
+    if args.npz:
+        arr = pixels.permute(0, 2, 3, 1).numpy()
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=arr, labels=labels)
+
+        write_atomic(Path(args.npz), write_npz)
+        print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels")
+    if args.grid:
+        ncol = args.per_class if not args.classes else min(len(classes), 16)
+        print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(pixels, classes)):
+            save_png(make_grid(image[None], ncol=1, pad=0), out / f"{i:06d}_class{label}.png")
+        print(f"wrote {len(classes)} PNGs to {out}")
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from .bench import benchmark
+    from .pipeline import CTFPipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = benchmark(CTFPipeline.from_pretrained(args.pipeline), batch=args.batch, cfg_scale=args.cfg_scale,
+                       repeats=args.repeats, precision=args.precision)
+    if args.json:
+        _print_json(result)
+    else:
+        for key in ("ctf", "baseline"):
+            if key in result:
+                print(f"{key}: {result[key]['images_per_s']:.1f} images/s")
+
+
 # --- coarse labels --------------------------------------------------------------------------
 
 def cmd_cluster(args) -> None:
@@ -221,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("seed", int, 0), ("num-workers", int, 0)]:
         train.add_argument(f"--{name}", type=kind, default=default)
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                       help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 convolutions are slower there)")
+                       help="auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere")
     train.add_argument("--device", default="auto")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--no-progress", dest="progress", action="store_false")
@@ -258,11 +333,47 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("ema", float, 0.0), ("eval-every", int, 500), ("eval-items", int, 2000),
                                 ("ckpt-every", int, 500), ("log-every", int, 10), ("seed", int, 0)]:
         tr.add_argument(f"--{name}", type=kind, default=default)
-    tr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--fsdp", action="store_true",
+                    help="under torchrun, shard weights, gradients, optimizer state and EMA over the processes "
+                         "(FSDP2, per transformer block) instead of replicating them (DDP); for the large presets. "
+                         "A single process trains unsharded. Checkpoints are the same either way")
     tr.add_argument("--no-progress", dest="progress", action="store_false")
     tr.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="generate images from a pipeline (PNGs, a grid, an ADM-style .npz)")
+    sample.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
+    which = sample.add_mutually_exclusive_group(required=True)
+    which.add_argument("--classes", help="comma-separated class ids, e.g. 0,3,7")
+    which.add_argument("--per-class", type=int, help="N images of every class")
+    sample.add_argument("--out", help="directory for one PNG per image")
+    sample.add_argument("--grid", help="one PNG grid of all images")
+    sample.add_argument("--npz", help="ADM evaluator layout: arr_0 uint8 [N,H,W,3] and labels")
+    sample.add_argument("--baseline", action="store_true", help="sample the plain GPT instead of CTF")
+    sample.add_argument("--batch", type=int, default=64)
+    sample.add_argument("--seed", type=int, default=0)
+    for name, kind, default, text in [
+            ("cfg-scale", float, 2.0, "classifier-free guidance (1 = off)"),
+            ("cfg-interval", int, -1, "guide only the first N tokens (-1 = all)"),
+            ("tau1", float, 1.0, "stage-1 (or baseline) temperature"), ("tau2", float, 1.0, "stage-2 temperature"),
+            ("top-k", int, 0, "stage-1 top-k (0 = off)"), ("top-p", float, 1.0, "stage-1 top-p"),
+            ("top-k2", int, 0, "stage-2 top-k (0 = off)"), ("cfg-scale2", float, 1.0, "stage-2 guidance")]:
+        sample.add_argument(f"--{name}", type=kind, default=default, help=text)
+    sample.add_argument("--unrestricted", action="store_true", help="ablation: stage 2 may leave the cluster")
+    sample.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")
+    bench.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
+    bench.add_argument("--batch", type=int, default=64)
+    bench.add_argument("--cfg-scale", type=float, default=2.0)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     cluster = sub.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
     cluster.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))

@@ -8,7 +8,9 @@ LlamaGen's defaults (AdamW lr 1e-4, wd 0.05, betas 0.9/0.95, clip 1.0, class dro
 autocast, gradient accumulation, optional EMA, held-out loss/accuracy, a JSONL metrics log and
 atomic checkpoints every N steps and on SIGTERM/SIGINT. The data order, the flip view of every
 item and all dropout masks depend only on (seed, step) and the saved RNG state, so `--resume`
-continues exactly. Runs alone or under torchrun (DDP).
+continues exactly. Runs alone or under torchrun: DDP, or with --fsdp FSDP2 (parameters, gradients,
+optimizer state and EMA sharded over the processes). Checkpoints always hold full tensors, so they
+are the same with and without FSDP and with any number of processes.
 """
 
 from __future__ import annotations
@@ -19,18 +21,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .batches import StepBatchSampler
-from .checkpoint import load_train_state, load_weights
+from .checkpoint import capture_rng, load_train_state, load_weights, restore_rng, save_checkpoint
 from .clustering import CoarseMap
 from .codes import CodeDataset
 from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
 from .errors import CtfgenError
-from .models.gpt import GPT, gpt_config
+from .models.gpt import GPT, TransformerBlock, gpt_config
 from .models.refiner import Refiner, refiner_config
-from .tokenizer.train import StopFlag, autocast_context
+from .precision import autocast_context
+from .tokenizer.train import StopFlag
 
 STAGES = ("baseline", "stage1", "stage2")
 
@@ -60,9 +68,10 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 10
     seed: int = 0
-    precision: str = "bf16"  # bf16 autocast (CPU and CUDA) or fp32
+    precision: str = "auto"  # bf16 autocast on CUDA / bf16-capable CPUs, else fp32 (see ctfgen.precision)
     device: str = "auto"
     resume: bool = False
+    fsdp: bool = False  # under torchrun, FSDP2 instead of DDP; ignored (unsharded) in a single process
     progress: bool = True
 
 
@@ -131,9 +140,10 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
     model.eval()
     n = min(cfg.eval_items, len(data.codes))
     totals = torch.zeros(3, dtype=torch.float64)
-    mine = list(range(runtime.rank, n, runtime.world_size))
-    for start in range(0, len(mine), batch_size):
-        inputs, labels, targets = data.batch(mine[start:start + batch_size])
+    mine = torch.arange(runtime.rank, n, runtime.world_size)
+    # As many batches on every rank: under FSDP each forward is a collective.
+    for index in mine.tensor_split(-(-n // (runtime.world_size * batch_size))):
+        inputs, labels, targets = data.batch(index.tolist())
         inputs, labels, targets = (t.to(runtime.device) for t in (inputs, labels, targets))
         with autocast_context(cfg.precision, runtime.device):
             loss, correct = stage_loss(model, inputs, labels, targets)
@@ -160,26 +170,26 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     if cfg.batch_size % (runtime.world_size * cfg.grad_accum):
         raise CtfgenError(f"--batch-size {cfg.batch_size} must divide evenly into {runtime.world_size} processes "
                           f"x {cfg.grad_accum} accumulation steps")
+    if eval_data is not None and min(cfg.eval_items, len(eval_data.codes)) < runtime.world_size:
+        raise CtfgenError(f"--eval-items must be at least the number of processes ({runtime.world_size})")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, data).to(device)
+    train_model = wrap_for_training(model, cfg, runtime)  # FSDP shards `model` in place: wrap before the optimizer
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
+    # The EMA has the layout of the weights: sharded like them under FSDP (the update is elementwise).
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
     start_step = 0
     if cfg.resume:
-        state = load_train_state(ckpt_dir)
-        model.load_state_dict(load_weights(ckpt_dir))
-        optimizer.load_state_dict(state["optimizer"])
-        ema = state.get("ema", ema)
+        state, ema = load_full_state(ckpt_dir, model, optimizer, ema)
         start_step = int(state["step"])
-        torch.set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
+        restore_rng(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
     else:
         if runtime.is_main and (ckpt_dir / "train_state.pt").exists():
             raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
         torch.manual_seed(cfg.seed * 1000 + runtime.rank + 1)  # dropout masks differ between ranks
     if start_step >= cfg.steps:
         raise CtfgenError(f"the run in {cfg.out} already reached step {start_step} of {cfg.steps}; raise --steps")
-    train_model = wrap_for_training(model, cfg, runtime)
 
     sampler = StepBatchSampler(len(data.codes), cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
                                world_size=runtime.world_size)
@@ -191,17 +201,18 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     model_config = model.config.to_dict()
 
     def save(step: int):
-        rng = [torch.get_rng_state()]
+        rng = [capture_rng()]
         if runtime.distributed:
             gathered = [None] * runtime.world_size
             torch.distributed.all_gather_object(gathered, rng[0])
             rng = gathered
+        full = full_state(model, optimizer, ema, runtime)  # every rank takes part; rank 0 gets it
         if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng}
-            if ema is not None:
-                state["ema"] = ema
-            model.save_pretrained(ckpt_dir, train_state=state,
-                                  extra={"train": asdict(cfg), "step": step, "stage": cfg.stage})
+            weights, state = full
+            # What model.save_pretrained writes, with the full weights (its state_dict() is sharded under FSDP).
+            config = {"kind": model.checkpoint_kind, "model": model_config, "train": asdict(cfg), "step": step,
+                      "stage": cfg.stage}
+            save_checkpoint(ckpt_dir, config, weights, train_state=state | {"step": step, "rng": rng})
         barrier(runtime)
 
     stop = StopFlag()
@@ -259,6 +270,59 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
 
 def wrap_for_training(model, cfg: TrainConfig, runtime: Runtime):
+    """The module to train through: `model` itself in a single process (with or without --fsdp), DDP around it
+    under torchrun, or with --fsdp `model` sharded in place by FSDP2, one group per TransformerBlock and one for
+    the rest. Build the optimizer from `model.parameters()` after this."""
     if not runtime.distributed:
         return model
-    return DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if not cfg.fsdp:
+        return DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    for block in model.modules():
+        if isinstance(block, TransformerBlock):
+            fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+# Checkpoints hold full tensors and number the optimizer's parameters as `optimizer.state_dict()` does,
+# whether the run is sharded (FSDP) or not, so either kind of run resumes the other's checkpoints.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """Parameter names in the optimizer's order, i.e. `optimizer.state_dict()`'s numbering."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey(optim_state: dict, key: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through `key` (numbers <-> names)."""
+    return {"state": {key[k]: v for k, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def full_state(model, optimizer, ema: dict | None, runtime: Runtime) -> tuple[dict, dict] | None:
+    """(weights, {"optimizer", "ema"}) as full CPU tensors on rank 0, None on the other ranks. Every rank must
+    call it: under FSDP it gathers the shards."""
+    weights = get_model_state_dict(model, options=FULL_STATE)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)  # keyed by parameter name
+    if ema is not None:
+        ema = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
+    if not runtime.is_main:
+        return None
+    numbers = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return weights, {"optimizer": _rekey(optim_state, numbers)} | ({"ema": ema} if ema is not None else {})
+
+
+def load_full_state(ckpt_dir: Path, model, optimizer, ema: dict | None) -> tuple[dict, dict | None]:
+    """Load a checkpoint written by `full_state` into the (sharded or plain) model, optimizer and EMA; returns
+    the training state and the EMA (kept fresh when the checkpoint has none)."""
+    state = load_train_state(ckpt_dir)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_weights(ckpt_dir), options=options)
+    names = dict(enumerate(_param_names(model, optimizer)))
+    set_optimizer_state_dict(model, optimizer, _rekey(state["optimizer"], names), options=options)
+    if ema is not None and "ema" in state:
+        ema = {k: distribute_tensor(state["ema"][k].to(v.device), v.device_mesh, v.placements)
+               if isinstance(v, DTensor) else state["ema"][k].to(v.device) for k, v in ema.items()}
+    return state, ema

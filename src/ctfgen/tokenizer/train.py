@@ -12,7 +12,6 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..batches import StepBatchSampler
-from ..checkpoint import load_train_state, load_weights
+from ..checkpoint import capture_rng, load_train_state, load_weights, restore_rng
 from ..data import collate_images, load_dataset
 from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, init_runtime, shutdown
 from ..errors import CtfgenError
+from ..precision import autocast_context
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .model import VQ_PRESETS, VQConfig, VQModel
 
@@ -54,16 +54,11 @@ class TokenizerTrainConfig:
     ckpt_every: int = 250
     log_every: int = 10
     seed: int = 0
-    precision: str = "auto"  # bf16 autocast on CUDA; fp32 on CPU, where bf16 convolutions are slower
+    precision: str = "auto"  # bf16 autocast where the hardware is fast at it (see ctfgen.precision)
     device: str = "auto"
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
-
-
-def autocast_context(precision: str, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp32": None, "auto": torch.bfloat16 if device.type == "cuda" else None}[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _build_model(cfg: TokenizerTrainConfig) -> VQModel:
@@ -147,7 +142,7 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             disc.load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         start_step = int(state["step"])
-        torch.set_rng_state(state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0])
+        restore_rng(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
     elif runtime.is_main and (ckpt_dir / "train_state.pt").exists():
         raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
     if start_step >= cfg.steps:
@@ -167,7 +162,7 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     stop = StopFlag()
 
     def save(step: int):
-        rng = [torch.get_rng_state()]
+        rng = [capture_rng()]
         if runtime.distributed:
             gathered = [None] * runtime.world_size
             torch.distributed.all_gather_object(gathered, rng[0])

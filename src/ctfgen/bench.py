@@ -1,0 +1,108 @@
+"""`ctfgen bench`: sampling throughput of CTF against the baseline, measured in one process.
+
+Every figure is the median over repeated runs after a warm-up. Besides images/s, the decode step
+(one stage-1 token for the whole batch) is reported as achieved FLOP/s, and as a fraction of this
+machine's bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .pipeline import CTFPipeline
+from .precision import resolve_precision
+from .sampling import generate, refine
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+
+
+def decode_step_flops(model, rows: int, position: int) -> float:
+    """Matmul FLOPs of one cached decode step: weights (without the embedding tables) + attention."""
+    cfg = model.config
+    weights = sum(p.numel() for name, p in model.named_parameters()
+                  if p.dim() == 2 and "embedding" not in name and "tok_embeddings" not in name)
+    attention = 2 * 2 * cfg.n_layer * cfg.dim * position
+    return rows * (2 * weights + attention)
+
+
+@torch.no_grad()
+def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = 2.0, repeats: int = 3,
+              precision: str = "auto") -> dict:
+    """images/s for each stage and the whole pipeline, CTF and baseline, at one batch size."""
+    precision = resolve_precision(precision, next(pipe.tokenizer.parameters()).device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for model in (pipe.stage1, pipe.stage2, pipe.baseline):
+        if model is not None:
+            model.to(dtype)  # the tokenizer stays fp32: bf16 convolutions are slow on CPUs without AMX
+    labels = torch.arange(batch) % pipe.num_classes
+    generator = torch.Generator().manual_seed(0)
+    result = {"batch": batch, "cfg_scale": cfg_scale, "precision": precision, "threads": torch.get_num_threads(),
+              "repeats": repeats}
+
+    def images_per_s(fn):
+        return batch / median_seconds(fn, repeats)
+
+    g = pipe.grid
+    if pipe.stage1 is not None:
+        coarse = generate(pipe.stage1, labels, cfg_scale=cfg_scale, generator=generator)
+        fine = refine(pipe.stage2, coarse, labels, pipe.coarse_map.coarse_of_fine, generator=generator)
+        result["ctf"] = {
+            "stage1_images_per_s": images_per_s(lambda: generate(pipe.stage1, labels, cfg_scale=cfg_scale,
+                                                                 generator=generator)),
+            "stage2_images_per_s": images_per_s(lambda: refine(pipe.stage2, coarse, labels,
+                                                               pipe.coarse_map.coarse_of_fine, generator=generator)),
+            "decode_images_per_s": images_per_s(lambda: pipe.tokenizer.decode(fine.view(-1, g, g))),
+            "images_per_s": images_per_s(lambda: pipe(labels, cfg_scale=cfg_scale, batch_size=batch, seed=0)),
+            "stage1_params": pipe.stage1.num_params(), "stage2_params": pipe.stage2.num_params(),
+        }
+        result["ctf"] |= decode_step_report(pipe.stage1, batch, cfg_scale, dtype)
+    if pipe.baseline is not None:
+        result["baseline"] = {
+            "images_per_s": images_per_s(lambda: pipe(labels, mode="baseline", cfg_scale=cfg_scale,
+                                                      batch_size=batch, seed=0)),
+            "gpt_images_per_s": images_per_s(lambda: generate(pipe.baseline, labels, cfg_scale=cfg_scale,
+                                                              generator=generator)),
+            "params": pipe.baseline.num_params(),
+        }
+        result["baseline"] |= decode_step_report(pipe.baseline, batch, cfg_scale, dtype)
+    if "ctf" in result and "baseline" in result:
+        result["ctf_over_baseline"] = result["ctf"]["images_per_s"] / result["baseline"]["images_per_s"]
+    # Both peaks, and the fraction against the one the models run in (bf16 is slow on CPUs without it).
+    result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16)
+    result["fp32_matmul_peak_flops"] = matmul_peak_flops(torch.float32)
+    peak = result["bf16_matmul_peak_flops" if dtype == torch.bfloat16 else "fp32_matmul_peak_flops"]
+    for key in ("ctf", "baseline"):
+        if key in result:
+            result[key]["decode_step_fraction_of_peak"] = result[key]["decode_step_flops"] / peak
+    return result
+
+
+def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) -> dict:
+    """Time one mid-sequence cached decode step and turn it into achieved FLOP/s."""
+    rows = 2 * batch if cfg_scale > 1 else batch
+    model.setup_caches(max_batch_size=rows, dtype=dtype)
+    labels = torch.zeros(rows, dtype=torch.long)
+    model.prefill(labels)
+    position = model.config.block_size // 2
+    token = torch.zeros(rows, dtype=torch.long)
+    input_pos = torch.tensor([position])
+    seconds = median_seconds(lambda: model.decode_step(token, input_pos), repeats=20, warmup=3)
+    model.clear_caches()
+    return {"decode_step_ms": seconds * 1e3, "decode_step_flops": decode_step_flops(model, rows, position) / seconds}
