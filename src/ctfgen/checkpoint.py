@@ -23,6 +23,17 @@ CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, directory: bool) -> None:
+    """tempfile creates private files (0600/0700); give finished outputs the usual permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory `tmp` to `final`, replacing what was there."""
     old = final.with_name(final.name + ".old")
@@ -41,6 +52,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _publish_mode(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,6 +73,7 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
+        _publish_mode(tmp, directory=True)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
