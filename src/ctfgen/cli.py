@@ -203,11 +203,10 @@ def cmd_cluster(args) -> None:
 def cmd_extract(args) -> None:
     from .codes import extract_codes
     from .data import load_dataset
-    from .distributed import init_runtime, shutdown
+    from .distributed import launched
     from .tokenizer.model import VQModel
 
-    runtime = init_runtime(args.device)
-    try:
+    with launched(args.device) as runtime:
         tokenizer = VQModel.from_pretrained(args.tokenizer, device=runtime.device)
         dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, image_size=args.image_size)
         tic = time.perf_counter()
@@ -218,8 +217,6 @@ def cmd_extract(args) -> None:
         if runtime.is_main:
             print(f"wrote {args.out}: {manifest['count']} images x {manifest['views']} views of "
                   f"{manifest['grid'][0]}x{manifest['grid'][1]} tokens in {time.perf_counter() - tic:.0f}s")
-    finally:
-        shutdown(runtime)
 
 
 def cmd_redundancy(args) -> None:

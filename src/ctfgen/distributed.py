@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,3 +65,13 @@ def barrier(runtime: Runtime) -> None:
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def launched(device: str = "auto"):
+    """`with launched(device) as runtime:` joins torchrun's group (if any) and always leaves it."""
+    runtime = init_runtime(device)
+    try:
+        yield runtime
+    finally:
+        shutdown(runtime)

@@ -33,7 +33,7 @@ from .batches import StepBatchSampler
 from .checkpoint import capture_rng, load_train_state, load_weights, restore_rng, save_checkpoint
 from .clustering import CoarseMap
 from .codes import CodeDataset
-from .distributed import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
+from .distributed import Runtime, all_reduce_sum, barrier, launched
 from .errors import CtfgenError
 from .models.gpt import GPT, TransformerBlock, gpt_config
 from .models.refiner import Refiner, refiner_config
@@ -154,11 +154,8 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
 
 
 def train(cfg: TrainConfig) -> dict:
-    runtime = init_runtime(cfg.device)
-    try:
+    with launched(cfg.device) as runtime:
         return _train(cfg, runtime)
-    finally:
-        shutdown(runtime)
 
 
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict:

@@ -350,23 +350,31 @@ class PretrainedMixin:
 # The GPT
 # ---------------------------------------------------------------------------------------------
 
-class GPT(PretrainedMixin, nn.Module):
+class ClassConditionalTransformer(PretrainedMixin, nn.Module):
+    """What the GPT and the stage-2 refiner share: a class token and token embeddings on the 2-D
+    RoPE grid, transformer blocks (causal or not) and a vocab_size-way output head."""
+
+    def __init__(self, config: GPTConfig, input_vocab_size: int, causal: bool):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(input_vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(config, p, causal=causal) for p in drop_path_rates(config))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rope = Rotary2D(config)
+        init_weights(self, config.initializer_range)
+        nn.init.zeros_(self.output.weight)  # LlamaGen: the output layer starts at zero
+
+
+class GPT(ClassConditionalTransformer):
     checkpoint_kind = CHECKPOINT_KIND
     config_class = GPTConfig
 
     def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        self.layers = nn.ModuleList(TransformerBlock(config, p, causal=True) for p in drop_path_rates(config))
-        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.rope = Rotary2D(config)
+        super().__init__(config, config.vocab_size, causal=True)
         self.register_buffer("causal_mask", None, persistent=False)  # set by setup_caches
-        init_weights(self, config.initializer_range)
-        nn.init.zeros_(self.output.weight)  # LlamaGen: the output layer starts at zero
 
     # -- training / teacher-forced scoring ----------------------------------------------------
 

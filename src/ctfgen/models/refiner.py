@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .gpt import (MODEL_SHAPES, GPTConfig, LabelEmbedder, PretrainedMixin, RMSNorm, Rotary2D, TransformerBlock,
-                  _from_preset, drop_path_rates, init_weights)
+from .gpt import MODEL_SHAPES, ClassConditionalTransformer, GPTConfig, _from_preset
 
 CHECKPOINT_KIND = "refiner"
 
@@ -40,22 +38,12 @@ def refiner_config(preset: str, coarse_vocab_size: int, vocab_size: int, block_s
                         block_size=block_size, num_classes=num_classes, **overrides)
 
 
-class Refiner(PretrainedMixin, nn.Module):
+class Refiner(ClassConditionalTransformer):
     checkpoint_kind = CHECKPOINT_KIND
     config_class = RefinerConfig
 
     def __init__(self, config: RefinerConfig):
-        super().__init__()
-        self.config = config
-        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
-        self.tok_embeddings = nn.Embedding(config.coarse_vocab_size, config.dim)
-        self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        self.layers = nn.ModuleList(TransformerBlock(config, p, causal=False) for p in drop_path_rates(config))
-        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.rope = Rotary2D(config)
-        init_weights(self, config.initializer_range)
-        nn.init.zeros_(self.output.weight)
+        super().__init__(config, config.coarse_vocab_size, causal=False)
 
     def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
         """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..batches import StepBatchSampler
 from ..checkpoint import capture_rng, load_train_state, load_weights, restore_rng
 from ..data import collate_images, load_dataset
-from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, init_runtime, shutdown
+from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, launched
 from ..errors import CtfgenError
 from ..precision import autocast_context
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
@@ -115,11 +115,8 @@ class StopFlag:
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
-    runtime = init_runtime(cfg.device)
-    try:
+    with launched(cfg.device) as runtime:
         return _train(cfg, runtime)
-    finally:
-        shutdown(runtime)
 
 
 def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
