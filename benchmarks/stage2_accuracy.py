@@ -15,6 +15,7 @@ import torch
 from ctfgen.clustering import CoarseMap
 from ctfgen.codes import CodeDataset
 from ctfgen.models.refiner import Refiner
+from ctfgen.precision import autocast_context
 
 
 def most_frequent_member(train: CodeDataset, coarse_map: CoarseMap) -> torch.Tensor:
@@ -44,7 +45,7 @@ def main() -> None:
     correct_model = correct_rule = 0
     for start in range(0, len(fine), args.batch):
         f, c = fine[start:start + args.batch], coarse[start:start + args.batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_context("auto", torch.device("cpu")):
             logits, _ = refiner(c, test.labels[start:start + args.batch])
         # restricted to the members of each position's cluster, as the sampler does
         allowed = coarse_map.coarse_of_fine[None, None, :] == c[..., None]

@@ -80,11 +80,16 @@ def test_sample_and_bench_commands(pipe, tmp_path, capsys):
 
     pipe.save_pretrained(tmp_path / "pipe", dtype=None)
     assert cli.main(["sample", "--pipeline", str(tmp_path / "pipe"), "--per-class", "2", "--batch", "8",
-                     "--npz", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "grid.png")]) == 0
+                     "--npz", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "grid.png"),
+                     "--preview-grid", str(tmp_path / "preview.png")]) == 0
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
         assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     assert (tmp_path / "grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "preview.png") as pairs:
+        assert pairs.height == grid.height and pairs.width > 1.9 * grid.width  # (preview | final) pairs
     capsys.readouterr()
     for bad in (["--per-class", "0"], ["--classes", "0,12"], ["--classes", "1", "--cfg-scale", "0.5"],
                 ["--classes", "1", "--top-k", "100"]):
@@ -96,3 +101,45 @@ def test_sample_and_bench_commands(pipe, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["ctf"]["images_per_s"] > 0 and result["baseline"]["images_per_s"] > 0
     assert 0 < result["ctf"]["decode_step_fraction_of_peak"] < 1.5
+
+
+def test_assemble_and_demo_commands(tmp_path, capsys):
+    from PIL import Image
+
+    from ctfgen import cli
+
+    parts = make_parts()
+    paths = {"tokenizer": tmp_path / "tok", "map": tmp_path / "map.safetensors"}
+    parts["tokenizer"].save_pretrained(paths["tokenizer"])
+    parts["coarse_map"].save(paths["map"])
+    for name in ("stage1", "stage2", "baseline"):
+        paths[name] = tmp_path / name
+        parts[name].save_pretrained(paths[name])
+    args = ["assemble", "--out", str(tmp_path / "pipe"), "--tokenizer", str(paths["tokenizer"]), "--dtype", "fp32",
+            "--class-names", "fmnist"]
+    ctf = ["--map", str(paths["map"]), "--stage1", str(paths["stage1"]), "--stage2", str(paths["stage2"])]
+    assert cli.main([*args, *ctf, "--baseline", str(paths["baseline"])]) == 0
+    loaded = CTFPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.class_names[0] == "T-shirt/top" and len(loaded.class_names) == 10
+    assert torch.equal(loaded([2, 9], seed=4).pixels, CTFPipeline(**parts)([2, 9], seed=4).pixels)
+
+    assert cli.main(["demo", "--pipeline", str(tmp_path / "pipe"), "--per-class", "2", "--out",
+                     str(tmp_path / "demo.png")]) == 0
+    assert "demo.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "demo.png") as image:
+        assert image.height >= 10 * 32 and image.width > 2 * 32  # a row per class, names on the left
+
+    # Half a CTF pipeline, or parts that disagree, write nothing.
+    assert cli.main([*args[:2], str(tmp_path / "bad"), *args[3:], "--stage1", str(paths["stage1"])]) == 2
+    assert cli.main([*args[:2], str(tmp_path / "bad"), *args[3:], "--baseline", str(paths["stage1"])]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert "ctfgen: error:" in capsys.readouterr().err
+
+
+def test_index_naming_a_missing_part_is_refused(pipe, tmp_path):
+    import shutil
+
+    pipe.save_pretrained(tmp_path / "pipe", dtype=None)
+    shutil.rmtree(tmp_path / "pipe" / "stage2")
+    with pytest.raises(CtfgenError, match="names stage2"):
+        CTFPipeline.from_pretrained(tmp_path / "pipe")

@@ -135,24 +135,32 @@ def cmd_sample(args) -> None:
     pipe = CTFPipeline.from_pretrained(args.pipeline)
     classes = _class_list(args, pipe.num_classes)
     mode = "baseline" if args.baseline else "ctf"
-    pixels = []
+    if args.preview_grid and args.baseline:
+        raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
+    pixels, previews = [], []
     batches = [classes[i:i + args.batch] for i in range(0, len(classes), args.batch)]
     for i, batch in enumerate(tqdm(batches, desc=f"sample[{mode}]", unit="batch", disable=None)):
-        pixels.append(pipe(batch, mode=mode, seed=args.seed + i, batch_size=args.batch,
-                           **_sampling_kwargs(args)).pixels)
+        result = pipe(batch, mode=mode, seed=args.seed + i, batch_size=args.batch, preview=bool(args.preview_grid),
+                      **_sampling_kwargs(args))
+        pixels.append(result.pixels)
+        previews.append(result.preview_pixels)
     pixels = torch.cat(pixels)
     labels = np.asarray(classes, dtype=np.int64)
     if args.npz:
         arr = pixels.permute(0, 2, 3, 1).numpy()
+
         def write_npz(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, arr_0=arr, labels=labels)
 
         write_atomic(Path(args.npz), write_npz)
         print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels")
+    ncol = args.per_class if not args.classes else min(len(classes), 16)
     if args.grid:
-        ncol = args.per_class if not args.classes else min(len(classes), 16)
         print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
+    if args.preview_grid:
+        pairs = torch.stack([torch.cat(previews), pixels], dim=1).flatten(0, 1)
+        print(f"wrote {save_png(make_grid(pairs, ncol=2 * ncol), args.preview_grid)}: (stage-1 preview | final) pairs")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -243,26 +251,46 @@ def cmd_redundancy(args) -> None:
 # --- demo -------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> None:
-    import torch
-
-    from .data import FashionMNIST, to_uint8
     from .images import add_row_labels, make_grid, save_png
+    from .pipeline import CTFPipeline
+
+    if args.per_class < 1:
+        raise CtfgenError(f"--per-class must be at least 1, got {args.per_class}")
+    tic = time.perf_counter()
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    mode = "baseline" if args.baseline else "ctf"
+    labels = [c for c in range(pipe.num_classes) for _ in range(args.per_class)]
+    pixels = pipe(labels, mode=mode, cfg_scale=args.cfg_scale, seed=args.seed).pixels
+    grid = add_row_labels(make_grid(pixels, ncol=args.per_class), pipe.class_names, row_height=pixels.shape[-2])
+    path = save_png(grid, args.out)
+    print(f"wrote {path}: {args.per_class} {'CTF' if mode == 'ctf' else 'baseline'} samples for each of the "
+          f"{pipe.num_classes} classes (a row per class, CFG {args.cfg_scale}) in {time.perf_counter() - tic:.1f}s")
+
+
+def cmd_assemble(args) -> None:
+    from .clustering import CoarseMap
+    from .data import FMNIST_CLASSES
+    from .models.gpt import GPT
+    from .models.refiner import Refiner
+    from .pipeline import CTFPipeline
     from .tokenizer.model import VQModel
 
-    tic = time.perf_counter()
-    tokenizer_dir = Path(args.pipeline) / "tokenizer"
-    model = VQModel.from_pretrained(tokenizer_dir)
-    dataset = FashionMNIST("test", data_dir=args.data_dir)
-    per_class = args.per_class
-    picks = torch.cat([torch.nonzero(dataset.labels == c).flatten()[:per_class] for c in range(10)])
-    images = dataset.images(picks)
-    recon = model.decode(model.encode(images))
-    rows = torch.stack([to_uint8(images).view(10, per_class, 3, 32, 32),
-                        to_uint8(recon).view(10, per_class, 3, 32, 32)], dim=2).flatten(0, 2)
-    grid = add_row_labels(make_grid(rows, ncol=2 * per_class), list(dataset.classes), row_height=32)
-    path = save_png(grid, args.out)
-    print(f"wrote {path}: Fashion-MNIST test images (left of each pair) and their VQ reconstructions "
-          f"(right), a row per class, in {time.perf_counter() - tic:.1f}s")
+    ctf = [args.map, args.stage1, args.stage2]
+    if any(ctf) and not all(ctf):
+        raise CtfgenError("CTF needs all of --map, --stage1 and --stage2")
+    if not any(ctf) and not args.baseline:
+        raise CtfgenError("give the CTF parts (--map, --stage1, --stage2), a --baseline, or both")
+    if args.class_names == "fmnist":
+        class_names = list(FMNIST_CLASSES)
+    else:
+        class_names = args.class_names.split(",") if args.class_names else None
+    pipe = CTFPipeline(VQModel.from_pretrained(args.tokenizer),
+                       CoarseMap.load(args.map) if args.map else None,
+                       GPT.from_pretrained(args.stage1) if args.stage1 else None,
+                       Refiner.from_pretrained(args.stage2) if args.stage2 else None,
+                       GPT.from_pretrained(args.baseline) if args.baseline else None, class_names=class_names)
+    pipe.save_pretrained(args.out, dtype=None if args.dtype == "fp32" else args.dtype)
+    print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -271,12 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctfgen", description="Coarse-to-fine autoregressive image generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the bundled Fashion-MNIST demo (writes a PNG)")
+    demo = sub.add_parser("demo", help="generate a grid of every class with the bundled pipeline (writes a PNG)")
     demo.add_argument("--out", default="demo.png")
     demo.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
-    demo.add_argument("--per-class", type=int, default=8)
-    demo.add_argument("--data-dir")
+    demo.add_argument("--per-class", type=int, default=10)
+    demo.add_argument("--cfg-scale", type=float, default=2.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--baseline", action="store_true", help="the plain autoregressive baseline instead of CTF")
     demo.set_defaults(func=cmd_demo)
+
+    asm = sub.add_parser("assemble", help="gather trained parts into a pipeline directory (CTFPipeline format)")
+    asm.add_argument("--out", required=True)
+    asm.add_argument("--tokenizer", required=True)
+    asm.add_argument("--map", help="coarse map (CTF)")
+    asm.add_argument("--stage1", help="stage-1 checkpoint directory (CTF)")
+    asm.add_argument("--stage2", help="stage-2 checkpoint directory (CTF)")
+    asm.add_argument("--baseline", help="baseline checkpoint directory")
+    asm.add_argument("--class-names", help="'fmnist' or comma-separated names, in class-id order")
+    asm.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16")
+    asm.set_defaults(func=cmd_assemble)
 
     tok = sub.add_parser("tokenizer", help="train and evaluate the VQ tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)
@@ -328,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("lr", float, 1e-4), ("weight-decay", float, 0.05), ("grad-clip", float, 1.0),
                                 ("warmup-steps", int, 0), ("class-dropout", float, 0.1), ("dropout", float, None),
                                 ("ema", float, 0.0), ("eval-every", int, 500), ("eval-items", int, 2000),
-                                ("ckpt-every", int, 500), ("log-every", int, 10), ("seed", int, 0)]:
+                                ("ckpt-every", int, 500), ("snapshot-every", int, 0), ("log-every", int, 10),
+                                ("seed", int, 0)]:
         tr.add_argument(f"--{name}", type=kind, default=default)
     tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere")
@@ -348,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--per-class", type=int, help="N images of every class")
     sample.add_argument("--out", help="directory for one PNG per image")
     sample.add_argument("--grid", help="one PNG grid of all images")
+    sample.add_argument("--preview-grid", help="a PNG grid of (stage-1 preview | final image) pairs (CTF only)")
     sample.add_argument("--npz", help="ADM evaluator layout: arr_0 uint8 [N,H,W,3] and labels")
     sample.add_argument("--baseline", action="store_true", help="sample the plain GPT instead of CTF")
     sample.add_argument("--batch", type=int, default=64)

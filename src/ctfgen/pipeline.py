@@ -1,9 +1,11 @@
 """CTFPipeline: class ids in, PIL images out, like a diffusers pipeline.
 
-A pipeline directory holds the parts, each a checkpoint directory of its own:
+A pipeline directory holds the parts, each a checkpoint directory of its own, and an index
+(`pipeline.json`, like diffusers' model_index.json) naming where each part lies:
 
+    pipeline.json                  {"parts": {"tokenizer": "tokenizer", ...}, "class_names": [...]}
     tokenizer/                     VQ model
-    coarse_map.safetensors         fine -> coarse map (K clusters)
+    coarse_map_k128.safetensors    fine -> coarse map (K clusters)
     stage1/  stage2/               CTF: coarse GPT and refiner
     baseline/                      optional: the plain GPT over fine tokens
 
@@ -13,6 +15,7 @@ refused when the pipeline is built.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import write_atomic
 from .clustering import CoarseMap
 from .data import to_uint8
 from .errors import CtfgenError
@@ -28,7 +32,8 @@ from .models.refiner import Refiner
 from .sampling import generate, refine
 from .tokenizer.model import VQModel
 
-MAP_NAME = "coarse_map.safetensors"
+INDEX_NAME = "pipeline.json"
+PARTS = ("tokenizer", "coarse_map", "stage1", "stage2", "baseline")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class PipelineOutput:
     images: list[Image.Image]
     pixels: torch.Tensor  # uint8 [N, 3, H, W]
     previews: list[Image.Image] | None = None  # decoded from stage 1 alone (cluster-mean codewords)
+    preview_pixels: torch.Tensor | None = None  # uint8 [N, 3, H, W]
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -44,10 +50,13 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 class CTFPipeline:
     def __init__(self, tokenizer: VQModel, coarse_map: CoarseMap | None = None, stage1: GPT | None = None,
-                 stage2: Refiner | None = None, baseline: GPT | None = None):
+                 stage2: Refiner | None = None, baseline: GPT | None = None, class_names: list[str] | None = None):
         self.tokenizer, self.coarse_map = tokenizer, coarse_map
         self.stage1, self.stage2, self.baseline = stage1, stage2, baseline
         self._check_parts()
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise CtfgenError(f"{len(class_names)} class names given for {self.num_classes} classes")
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(self.num_classes)]
 
     # -- consistency ---------------------------------------------------------------------------
 
@@ -85,26 +94,46 @@ class CTFPipeline:
     @classmethod
     def from_pretrained(cls, directory, device="cpu") -> "CTFPipeline":
         directory = Path(directory)
-        if not (directory / "tokenizer").is_dir():
-            raise CtfgenError(f"{directory} is not a ctfgen pipeline (no tokenizer/); pass a directory written by "
-                              f"CTFPipeline.save_pretrained or `scripts/reproduce_fmnist.sh`")
+        index_path = directory / INDEX_NAME
+        if not index_path.is_file():
+            raise CtfgenError(f"{directory} is not a ctfgen pipeline (no {INDEX_NAME}); pass a directory written by "
+                              f"CTFPipeline.save_pretrained or `ctfgen assemble`")
+        try:
+            index = json.loads(index_path.read_text())
+            paths = {name: directory / path for name, path in index["parts"].items() if name in PARTS}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CtfgenError(f"{index_path} is not a valid pipeline index; rewrite it with `ctfgen assemble`") from None
+        for name, path in paths.items():
+            if not path.exists():
+                raise CtfgenError(f"{index_path} names {name} at {path}, which does not exist")
+        if "tokenizer" not in paths:
+            raise CtfgenError(f"{index_path} names no tokenizer")
+        loaders = {"tokenizer": VQModel.from_pretrained, "stage1": GPT.from_pretrained,
+                   "stage2": Refiner.from_pretrained, "baseline": GPT.from_pretrained}
+        parts = {name: (CoarseMap.load(path) if name == "coarse_map" else loaders[name](path, device=device))
+                 for name, path in paths.items()}
+        return cls(**parts, class_names=index.get("class_names"))
 
-        def part(name, kind):
-            return kind.from_pretrained(directory / name, device=device) if (directory / name).is_dir() else None
-
-        coarse_map = CoarseMap.load(directory / MAP_NAME) if (directory / MAP_NAME).is_file() else None
-        return cls(VQModel.from_pretrained(directory / "tokenizer", device=device), coarse_map,
-                   part("stage1", GPT), part("stage2", Refiner), part("baseline", GPT))
+    def part_paths(self) -> dict[str, str]:
+        """Where save_pretrained puts each present part, relative to the pipeline directory."""
+        names = {"tokenizer": "tokenizer", "stage1": "stage1", "stage2": "stage2", "baseline": "baseline"}
+        if self.coarse_map is not None:
+            names["coarse_map"] = f"coarse_map_k{self.coarse_map.k}.safetensors"
+        return {name: path for name, path in names.items() if getattr(self, name) is not None}
 
     def save_pretrained(self, directory, dtype: str | None = "bf16") -> Path:
+        """Write every part (weights cast to `dtype`; the tokenizer to fp16), then the index, last: a directory
+        whose writing was interrupted has no index and is refused."""
         directory = Path(directory)
-        self.tokenizer.save_pretrained(directory / "tokenizer", dtype="fp16" if dtype else None)
+        paths = self.part_paths()
+        self.tokenizer.save_pretrained(directory / paths["tokenizer"], dtype="fp16" if dtype else None)
         if self.coarse_map is not None:
-            self.coarse_map.save(directory / MAP_NAME)
+            self.coarse_map.save(directory / paths["coarse_map"])
         for name in ("stage1", "stage2", "baseline"):
-            model = getattr(self, name)
-            if model is not None:
-                model.save_pretrained(directory / name, dtype=dtype)
+            if name in paths:
+                getattr(self, name).save_pretrained(directory / paths[name], dtype=dtype)
+        index = {"parts": paths, "class_names": self.class_names}
+        write_atomic(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
         return directory
 
     # -- sampling ------------------------------------------------------------------------------
@@ -172,4 +201,5 @@ class CTFPipeline:
             if preview:
                 previews.append(to_uint8(self.tokenizer.decode_latents(self.cluster_mean_latents(coarse))).cpu())
         pixels = torch.cat(pixels)
-        return PipelineOutput(to_pil(pixels), pixels, to_pil(torch.cat(previews)) if preview else None)
+        previews = torch.cat(previews) if preview else None
+        return PipelineOutput(to_pil(pixels), pixels, to_pil(previews) if preview else None, previews)

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_items: int = 2000
     ckpt_every: int = 500
+    snapshot_every: int = 0  # also keep the weights of every N-th step under snapshots/ (0: never)
     log_every: int = 10
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA / bf16-capable CPUs, else fp32 (see ctfgen.precision)
@@ -197,7 +198,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     model_config = model.config.to_dict()
 
-    def save(step: int):
+    def save(step: int, snapshot: bool = False):
         rng = [capture_rng()]
         if runtime.distributed:
             gathered = [None] * runtime.world_size
@@ -210,6 +211,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             config = {"kind": model.checkpoint_kind, "model": model_config, "train": asdict(cfg), "step": step,
                       "stage": cfg.stage}
             save_checkpoint(ckpt_dir, config, weights, train_state=state | {"step": step, "rng": rng})
+            if snapshot:  # weights only: for scoring the run's progress afterwards, not for resuming
+                save_checkpoint(out / "snapshots" / f"step_{step:07d}", config, weights)
         barrier(runtime)
 
     stop = StopFlag()
@@ -257,8 +260,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         stop_now = stop.raised
         if runtime.distributed:
             stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now)), runtime) > 0)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now:
-            save(step + 1)
+        snapshot = cfg.snapshot_every > 0 and (step + 1) % cfg.snapshot_every == 0
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now or snapshot:
+            save(step + 1, snapshot)
         if stop_now:
             break
     bar.close()
