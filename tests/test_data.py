@@ -21,7 +21,6 @@ from ctfgen.data import (
 )
 from ctfgen.errors import CtfgenError
 
-
 # --- helpers ----------------------------------------------------------------------------------
 
 def idx_bytes(array: np.ndarray) -> bytes:

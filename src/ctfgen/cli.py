@@ -80,7 +80,7 @@ def cmd_tokenizer_reconstruct(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_weights, save_checkpoint, CONFIG_NAME
+    from .checkpoint import CONFIG_NAME, load_weights, save_checkpoint
 
     config = json.loads((Path(args.checkpoint) / CONFIG_NAME).read_text()) \
         if (Path(args.checkpoint) / CONFIG_NAME).is_file() else None

@@ -134,7 +134,7 @@ class CoarseMap:
         return path
 
     @classmethod
-    def load(cls, path) -> "CoarseMap":
+    def load(cls, path) -> CoarseMap:
         path = Path(path)
         if not path.is_file():
             raise CtfgenError(f"coarse map {path} does not exist; make one with `ctfgen cluster`")

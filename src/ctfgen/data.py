@@ -59,7 +59,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise CtfgenError(f"{path} is not an IDX file of unsigned bytes; reinstall the dataset")
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
-        raise CtfgenError(f"{path} is truncated (a {len(raw)}-byte header for {ndim} dimensions); reinstall the dataset")
+        raise CtfgenError(f"{path} is truncated (a {len(raw)}-byte header for {ndim} dimensions); "
+                          f"reinstall the dataset")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -165,7 +166,7 @@ class ImageFolder(Dataset):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad:
                 raise CtfgenError(f"cannot decode image {path} ({e}); remove it or pass --skip-bad-images") from None
-            warnings.warn(f"skipping unreadable image {path}: {e}")
+            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
             return None
         if self.flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -92,7 +92,7 @@ class CTFPipeline:
     # -- persistence ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu") -> "CTFPipeline":
+    def from_pretrained(cls, directory, device="cpu") -> CTFPipeline:
         directory = Path(directory)
         index_path = directory / INDEX_NAME
         if not index_path.is_file():
@@ -102,7 +102,8 @@ class CTFPipeline:
             index = json.loads(index_path.read_text())
             paths = {name: directory / path for name, path in index["parts"].items() if name in PARTS}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CtfgenError(f"{index_path} is not a valid pipeline index; rewrite it with `ctfgen assemble`") from None
+            raise CtfgenError(f"{index_path} is not a valid pipeline index; rewrite it with `ctfgen assemble`") \
+                from None
         for name, path in paths.items():
             if not path.exists():
                 raise CtfgenError(f"{index_path} names {name} at {path}, which does not exist")
@@ -149,7 +150,8 @@ class CTFPipeline:
             raise CtfgenError("no class labels given")
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad):
-            raise CtfgenError(f"class id {int(bad[0])} is out of range; this model has classes 0..{self.num_classes - 1}")
+            raise CtfgenError(f"class id {int(bad[0])} is out of range; "
+                              f"this model has classes 0..{self.num_classes - 1}")
         if cfg_scale < 1.0:
             raise CtfgenError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
         vocab = (self.stage1 if mode == "ctf" else self.baseline).config.vocab_size

@@ -82,7 +82,7 @@ def generate_uncached(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.
     use_cfg = cfg_scale > 1.0
     cond = with_null_class(labels, model.config.null_class) if use_cfg else labels
     tokens = torch.zeros(b, 0, dtype=torch.long, device=labels.device)
-    for t in range(model.config.block_size):
+    for _t in range(model.config.block_size):
         seq = torch.cat([tokens, tokens.new_zeros(b, 1)], dim=1)  # the last token is never read
         logits, _ = model(seq.repeat(2, 1) if use_cfg else seq, cond)
         logits = logits[:, -1]

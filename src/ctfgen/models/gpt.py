@@ -458,7 +458,7 @@ class GPT(ClassConditionalTransformer):
 
     @classmethod
     def from_llamagen(cls, path, preset: str = "GPT-B", block_size: int = 256, device="cpu",
-                      **overrides) -> "GPT":
+                      **overrides) -> GPT:
         """A released LlamaGen c2i GPT (`c2i_B_256.pt`, ...). The vocabulary and class count are read
         from the weights; the preset (head count) and block_size (256 for 256px, 576 for 384px with
         VQ-16) must be given because the file does not record them."""

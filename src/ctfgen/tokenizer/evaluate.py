@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..errors import CtfgenError
 from ..data import collate_images, crop_original, to_uint8
+from ..errors import CtfgenError
 from ..image_metrics import psnr_per_image
 from .model import VQModel
 

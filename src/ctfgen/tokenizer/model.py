@@ -207,7 +207,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.n_e, self.e_dim = cfg.codebook_size, cfg.codebook_embed_dim
-        self.beta, self.entropy_loss_ratio, self.l2_norm = cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.codebook_l2_norm
+        self.beta, self.entropy_loss_ratio = cfg.commit_loss_beta, cfg.entropy_loss_ratio
+        self.l2_norm = cfg.codebook_l2_norm
         self.embedding = nn.Embedding(self.n_e, self.e_dim)
         self.embedding.weight.data.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
         if self.l2_norm:
@@ -309,7 +310,7 @@ class VQModel(nn.Module):
         return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu") -> "VQModel":
+    def from_pretrained(cls, directory, device="cpu") -> VQModel:
         config = load_config(directory, CHECKPOINT_KIND)
         model = cls(VQConfig(**config["model"]))
         try:
