@@ -33,15 +33,15 @@ cp "$RUNS/redundancy/redundancy.png" "$OUT/redundancy_k128.png"
   $CTFGEN extract --tokenizer "$OUT/tokenizer" --data fmnist --split test --out "$RUNS/codes/test"
 
 # 5. The transformers: baseline (4096 fine tokens), CTF stage 1 (K = 128) and stage 2, all GPT-S, same
-#    steps, batch and schedule. ~85 min for the three side by side on 2 cores (one thread each).
+#    steps, batch and schedule. ~75 min for the three side by side on 2 cores (one thread each).
 #    An interrupted run resumes from its last checkpoint (every 100 steps).
-TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --model GPT-S --steps 2000 --batch-size 32
+TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --model GPT-S --steps 1500 --batch-size 32
        --lr 5e-4 --warmup-steps 100 --dropout 0 --eval-every 500 --eval-items 1000 --ckpt-every 100
        --snapshot-every 500 --no-progress)
 mkdir -p "$RUNS/fmnist"
 for stage in baseline stage1 stage2; do
   run="$RUNS/fmnist/$stage"
-  [ -f "$run/snapshots/step_0002000/model.safetensors" ] && continue
+  [ -f "$run/snapshots/step_0001500/model.safetensors" ] && continue
   map=(); [ "$stage" = baseline ] || map=(--map "$OUT/coarse_map_k128.safetensors")
   resume=(); [ -f "$run/checkpoint/train_state.pt" ] && resume=(--resume)
   OMP_NUM_THREADS=1 $CTFGEN train --stage "$stage" "${map[@]}" "${TRAIN[@]}" "${resume[@]}" --out "$run" \
@@ -51,7 +51,7 @@ wait
 
 # 6. The shipped pipeline: tokenizer, map, stage 1, stage 2 and baseline (fp16).
 $CTFGEN assemble --out "$OUT" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
-  --stage1 "$RUNS/fmnist/stage1/checkpoint" --stage2 "$RUNS/fmnist/stage2/checkpoint" \
-  --baseline "$RUNS/fmnist/baseline/checkpoint" --class-names fmnist --dtype fp16
+  --stage1 "$RUNS/fmnist/stage1/snapshots/step_0001500" --stage2 "$RUNS/fmnist/stage2/snapshots/step_0001500" \
+  --baseline "$RUNS/fmnist/baseline/snapshots/step_0001500" --class-names fmnist --dtype fp16
 $PYTHON benchmarks/stage2_accuracy.py --refiner "$OUT/stage2" --map "$OUT/coarse_map_k128.safetensors" \
   --train-codes "$RUNS/codes/train" --test-codes "$RUNS/codes/test"

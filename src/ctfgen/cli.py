@@ -289,7 +289,16 @@ def cmd_assemble(args) -> None:
                        GPT.from_pretrained(args.stage1) if args.stage1 else None,
                        Refiner.from_pretrained(args.stage2) if args.stage2 else None,
                        GPT.from_pretrained(args.baseline) if args.baseline else None, class_names=class_names)
-    pipe.save_pretrained(args.out, dtype=None if args.dtype == "fp32" else args.dtype)
+    provenance = {}
+    for name in ("tokenizer", "map", "stage1", "stage2", "baseline"):
+        source = getattr(args, name)
+        if source and Path(source).is_dir():
+            config = json.loads((Path(source) / "config.json").read_text())
+            step = config.get("step", config.get("exported_from", {}).get("step"))
+            provenance[name] = {"from": str(source), "step": step}
+        elif source:
+            provenance[name] = {"from": str(source)}
+    pipe.save_pretrained(args.out, dtype=None if args.dtype == "fp32" else args.dtype, provenance=provenance)
     print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
 
 

@@ -122,9 +122,10 @@ class CTFPipeline:
             names["coarse_map"] = f"coarse_map_k{self.coarse_map.k}.safetensors"
         return {name: path for name, path in names.items() if getattr(self, name) is not None}
 
-    def save_pretrained(self, directory, dtype: str | None = "bf16") -> Path:
+    def save_pretrained(self, directory, dtype: str | None = "bf16", provenance: dict | None = None) -> Path:
         """Write every part (weights cast to `dtype`; the tokenizer to fp16), then the index, last: a directory
-        whose writing was interrupted has no index and is refused."""
+        whose writing was interrupted has no index and is refused. `provenance` (where each part came from) is
+        kept in the index as is."""
         directory = Path(directory)
         paths = self.part_paths()
         self.tokenizer.save_pretrained(directory / paths["tokenizer"], dtype="fp16" if dtype else None)
@@ -133,7 +134,7 @@ class CTFPipeline:
         for name in ("stage1", "stage2", "baseline"):
             if name in paths:
                 getattr(self, name).save_pretrained(directory / paths[name], dtype=dtype)
-        index = {"parts": paths, "class_names": self.class_names}
+        index = {"parts": paths, "class_names": self.class_names} | ({"provenance": provenance} if provenance else {})
         write_atomic(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
         return directory
 
