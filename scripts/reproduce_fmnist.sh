@@ -33,15 +33,15 @@ cp "$RUNS/redundancy/redundancy.png" "$OUT/redundancy_k128.png"
   $CTFGEN extract --tokenizer "$OUT/tokenizer" --data fmnist --split test --out "$RUNS/codes/test"
 
 # 5. The transformers: baseline (4096 fine tokens), CTF stage 1 (K = 128) and stage 2, all GPT-S, same
-#    steps, batch and schedule. ~75 min for the three side by side on 2 cores (one thread each).
+#    steps, batch and schedule. ~60 min for the three side by side on 2 cores (one thread each).
 #    An interrupted run resumes from its last checkpoint (every 100 steps).
-TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --model GPT-S --steps 1500 --batch-size 32
+TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --model GPT-S --steps 1000 --batch-size 32
        --lr 5e-4 --warmup-steps 100 --dropout 0 --eval-every 500 --eval-items 1000 --ckpt-every 100
-       --snapshot-every 500 --no-progress)
+       --snapshot-every 100 --no-progress)
 mkdir -p "$RUNS/fmnist"
 for stage in baseline stage1 stage2; do
   run="$RUNS/fmnist/$stage"
-  [ -f "$run/snapshots/step_0001500/model.safetensors" ] && continue
+  [ -f "$run/snapshots/step_0001000/model.safetensors" ] && continue
   map=(); [ "$stage" = baseline ] || map=(--map "$OUT/coarse_map_k128.safetensors")
   resume=(); [ -f "$run/checkpoint/train_state.pt" ] && resume=(--resume)
   OMP_NUM_THREADS=1 $CTFGEN train --stage "$stage" "${map[@]}" "${TRAIN[@]}" "${resume[@]}" --out "$run" \
@@ -51,7 +51,28 @@ wait
 
 # 6. The shipped pipeline: tokenizer, map, stage 1, stage 2 and baseline (fp16).
 $CTFGEN assemble --out "$OUT" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
-  --stage1 "$RUNS/fmnist/stage1/snapshots/step_0001500" --stage2 "$RUNS/fmnist/stage2/snapshots/step_0001500" \
-  --baseline "$RUNS/fmnist/baseline/snapshots/step_0001500" --class-names fmnist --dtype fp16
+  --stage1 "$RUNS/fmnist/stage1/snapshots/step_0001000" --stage2 "$RUNS/fmnist/stage2/snapshots/step_0001000" \
+  --baseline "$RUNS/fmnist/baseline/snapshots/step_0001000" --class-names fmnist --dtype fp16
 $PYTHON benchmarks/stage2_accuracy.py --refiner "$OUT/stage2" --map "$OUT/coarse_map_k128.safetensors" \
   --train-codes "$RUNS/codes/train" --test-codes "$RUNS/codes/test"
+
+# 6b. The evaluation classifier (FID / IS / precision-recall features, trained on the training split;
+#     ~17 min on one thread beside three trainings). Step 7 scores with it.
+[ -f "$OUT/classifier/model.safetensors" ] || \
+  OMP_NUM_THREADS=1 $CTFGEN eval train-classifier --out "$OUT/classifier" --channels 32,64,96 --pool-grid 4 \
+    --epochs 8 --threads 1 --no-progress --json
+
+# 7. The README's tables: 10,000 samples (1,000 per class) from each model, scored against the test split
+#    with the shipped classifier's features, beside the real-data floor; then the speed benchmark.
+mkdir -p "$RUNS/eval"
+$CTFGEN eval --floor --json > "$RUNS/eval/floor.json"
+for mode in ctf baseline; do
+  flag=(); [ "$mode" = baseline ] && flag=(--baseline)
+  $CTFGEN sample --pipeline "$OUT" --per-class 1000 --batch 250 --seed 0 "${flag[@]}" --npz "$RUNS/eval/$mode.npz"
+  $CTFGEN eval --samples "$RUNS/eval/$mode.npz" --json > "$RUNS/eval/$mode.json"
+done
+$CTFGEN bench --pipeline "$OUT" --batch 64 --json > "$RUNS/eval/bench.json"
+
+# 8. README figures: the demo grid and the (stage-1 preview | final) pairs.
+$CTFGEN demo --out "$OUT/demo.png"
+$CTFGEN sample --pipeline "$OUT" --classes 0,1,2,3,4,5,6,7,8,9 --seed 0 --preview-grid "$OUT/preview_vs_final.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -302,6 +303,69 @@ def cmd_assemble(args) -> None:
     print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
 
 
+# --- evaluation -------------------------------------------------------------------------------
+
+def cmd_eval(args) -> None:
+    from .distributed import pick_device
+    from .evaluation import EvalOptions, evaluate_floor, evaluate_npz, load_feature_network
+
+    if args.samples is None and not args.floor:
+        raise CtfgenError("give --samples FILE.npz to score a sample file, or --floor for training vs test images")
+    if args.samples is not None and args.floor:
+        raise CtfgenError("--samples and --floor do not go together: --floor scores training images, not a file")
+    for name in ("k", "pr_points", "is_splits", "batch_size", "floor_n"):
+        if getattr(args, name) < 1:
+            raise CtfgenError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    network = load_feature_network(args.features, classifier=args.classifier, inception_weights=args.inception_weights,
+                                   device=pick_device(args.device))
+    options = EvalOptions(k=args.k, pr_points=args.pr_points, seed=args.seed, is_splits=args.is_splits,
+                          batch_size=args.batch_size, per_class_fid=args.per_class_fid)
+    common = dict(data_dir=args.data_dir, cache=args.cache_dir, use_cache=not args.no_cache, options=options)
+    if args.floor:
+        result = evaluate_floor(network, n=args.floor_n, ref=args.ref, **common)
+    else:
+        result = evaluate_npz(args.samples, args.ref, network, **common)
+    if args.json:
+        _print_json(result)
+        return
+    what = "floor (training images)" if args.floor else args.samples
+
+    def fmt(key, digits=3):
+        value = result.get(key)
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    print(f"{what} vs {result['ref']} ({result['features']} features, {result['n_samples']} vs {result['n_ref']} "
+          f"images): FID {fmt('fid')}, sFID {fmt('sfid')}, IS {fmt('inception_score')}, precision "
+          f"{fmt('precision')}, recall {fmt('recall')}"
+          + (f", accuracy {fmt('accuracy')}" if "accuracy" in result else ""))
+    for row in result.get("per_class", []):
+        name = f" {row['name']}" if "name" in row else ""
+        extra = "".join(f", {key} {row[key]:.3f}" for key in ("fid", "accuracy") if row.get(key) is not None)
+        print(f"  class {row['class']}{name}: {row['n']} samples{extra}")
+
+
+def cmd_eval_train_classifier(args) -> None:
+    import torch
+
+    from .evaluation.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise CtfgenError(f"--channels takes comma-separated widths, e.g. 32,64,128; got {args.channels!r}") from None
+    model = ClassifierConfig(channels=channels, hidden=args.hidden, pool_grid=args.pool_grid, dropout=args.dropout)
+    cfg = ClassifierTrainConfig(model=model, **{f.name: getattr(args, f.name) for f in fields(ClassifierTrainConfig)
+                                                if hasattr(args, f.name) and f.name != "model"})
+    result = train_classifier(cfg, command=" ".join(["ctfgen", *map(shlex.quote, args.argv)]))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['out']}: test accuracy {result['test_accuracy']:.4f} "
+              f"({result['parameters']} parameters, {result['train_seconds']:.0f}s)")
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,11 +527,62 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     export.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="FID, sFID, IS and precision/recall of a sample .npz; train the feature "
+                                     "classifier (eval train-classifier)")
+    ev.add_argument("--samples", help="sample file: arr_0 uint8 [N,H,W,3] (+ labels [N]), as `ctfgen sample --npz`")
+    ev.add_argument("--ref", default="fmnist-test",
+                    help="fmnist-test (default), fmnist-train, or an .npz: ADM reference batch (arr_0, optionally "
+                         "mu/sigma/mu_s/sigma_s) or another sample file")
+    ev.add_argument("--features", choices=["fmnist", "inception"], default="fmnist",
+                    help="feature network: the project's Fashion-MNIST classifier, or FID Inception-v3")
+    ev.add_argument("--classifier", default=str(pretrained_dir() / "fmnist" / "classifier"),
+                    help="fmnist classifier checkpoint directory")
+    ev.add_argument("--inception-weights", help="local FID Inception-v3 weights (torch-fidelity's "
+                                                "weights-inception-2015-12-05-6726825d.pth); default "
+                                                "$CTFGEN_INCEPTION_WEIGHTS")
+    ev.add_argument("--floor", action="store_true",
+                    help="score --floor-n training images against --ref: the best a generator can reach")
+    ev.add_argument("--floor-n", type=int, default=10_000)
+    ev.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
+    ev.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size")
+    ev.add_argument("--pr-points", type=int, default=10_000,
+                    help="precision/recall on a fixed random subset of at most this many points per set")
+    ev.add_argument("--is-splits", type=int, default=10, help="Inception Score: mean and std over this many parts")
+    ev.add_argument("--seed", type=int, default=0, help="subsets (precision/recall, IS parts, --floor images)")
+    ev.add_argument("--per-class-fid", action=argparse.BooleanOptionalAction, default=None,
+                    help="FID per class (default: when the features have at most 512 dimensions)")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--cache-dir", help="reference statistics cache (default $CTFGEN_CACHE or ~/.cache/ctfgen)")
+    ev.add_argument("--no-cache", action="store_true", help="recompute the reference statistics, store nothing")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+    ev_sub = ev.add_subparsers(dest="eval_command", required=False, metavar="{train-classifier}")
+    tc = ev_sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier (FID/IS features)")
+    tc.add_argument("--out", required=True, help="checkpoint directory to write (the shipped one: "
+                                                  "pretrained/fmnist/classifier)")
+    tc.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
+    for name, kind, default in [("epochs", int, 8), ("batch-size", int, 128), ("lr", float, 2e-3),
+                                ("weight-decay", float, 0.05), ("warmup-steps", int, 200), ("shift", int, 2),
+                                ("seed", int, 0), ("log-every", int, 50)]:
+        tc.add_argument(f"--{name}", type=kind, default=default)
+    tc.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    tc.add_argument("--channels", default="32,64,96", help="conv widths, one 3x3 conv per stage")
+    tc.add_argument("--hidden", type=int, default=128, help="penultimate width: the FID features")
+    tc.add_argument("--pool-grid", type=int, default=4, help="average-pool the last map to this grid")
+    tc.add_argument("--dropout", type=float, default=0.1)
+    tc.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="of the saved weights")
+    tc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tc.add_argument("--no-progress", dest="progress", action="store_false")
+    tc.add_argument("--json", action="store_true")
+    tc.set_defaults(func=cmd_eval_train_classifier)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except CtfgenError as e:

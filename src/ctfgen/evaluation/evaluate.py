@@ -1,0 +1,143 @@
+"""Scoring: sample features against reference statistics -> one JSON-ready dict.
+
+`evaluate_npz` scores a sample file (ADM layout); `evaluate_floor` scores 10k training images
+against the test split, the best any generator can reach with the same metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CtfgenError
+from .features import FeatureNetwork, Features, extract_features
+from .metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from .npz import read_image_npz
+from .reference import ReferenceStats, fmnist_uint8, load_reference
+
+
+@dataclass
+class EvalOptions:
+    k: int = 3  # precision/recall neighbourhood
+    pr_points: int = 10_000  # precision/recall on at most this many points of each set (fixed random subset)
+    seed: int = 0
+    is_splits: int = 10
+    batch_size: int = 500
+    per_class_fid: bool | None = None  # None: when the features have at most 512 dimensions
+
+
+def _fid_or_none(a: tuple | None, b: tuple | None) -> float | None:
+    if a is None or b is None or a[0] is None or b[0] is None:
+        return None
+    return frechet_distance(*a, *b)
+
+
+def _class_names(network: FeatureNetwork) -> list[str] | None:
+    if network.name == "fmnist":
+        from ..data import FMNIST_CLASSES
+
+        return list(FMNIST_CLASSES)
+    return None
+
+
+def per_class_breakdown(features: Features, labels: np.ndarray, ref: ReferenceStats, network: FeatureNetwork,
+                        options: EvalOptions) -> list[dict]:
+    """For every class asked for: how many samples, the classifier's accuracy on that class (when its
+    outputs are the data's classes) and the FID against the reference images of that class."""
+    want_fid = options.per_class_fid
+    if want_fid is None:
+        want_fid = features.pool.shape[1] <= 512
+    names = _class_names(network)
+    rows = []
+    predicted = features.probs.argmax(axis=1)
+    for c in np.unique(labels):
+        mask = labels == c
+        row = {"class": int(c)}
+        if names and c < len(names):
+            row["name"] = names[c]
+        row["n"] = int(mask.sum())
+        if network.labels_are_classes:
+            row["accuracy"] = float((predicted[mask] == c).mean())
+        if want_fid and ref.pool is not None and ref.labels is not None:
+            ref_mask = ref.labels == c
+            row["n_ref"] = int(ref_mask.sum())
+            row["fid"] = None  # too few images of the class for a covariance, or a degenerate one
+            if mask.sum() >= 2 and ref_mask.sum() >= 2:
+                try:
+                    row["fid"] = frechet_distance(*gaussian_stats(features.pool[mask]),
+                                                  *gaussian_stats(ref.pool[ref_mask]))
+                except CtfgenError:
+                    pass
+        rows.append(row)
+    return rows
+
+
+def score(features: Features, labels: np.ndarray | None, ref: ReferenceStats, network: FeatureNetwork,
+          options: EvalOptions) -> dict:
+    """Every metric of these sample features against the reference."""
+    result = {"fid": _fid_or_none(gaussian_stats(features.pool), (ref.mu, ref.sigma))}
+    if features.spatial is not None and ref.mu_s is not None:
+        result["sfid"] = frechet_distance(*gaussian_stats(features.spatial), ref.mu_s, ref.sigma_s)
+    else:
+        result["sfid"] = None
+    result["inception_score"], result["inception_score_std"] = inception_score(
+        features.probs, splits=options.is_splits, seed=options.seed)
+    if ref.pool is not None:
+        pr = precision_recall(ref.pool, features.pool, k=options.k, max_points=options.pr_points, seed=options.seed)
+        result |= {"precision": pr["precision"], "recall": pr["recall"], "k": pr["k"],
+                   "pr_points": {"reference": pr["n_real"], "samples": pr["n_fake"]}}
+    else:
+        result |= {"precision": None, "recall": None}
+    if labels is not None:
+        if network.labels_are_classes:
+            result["accuracy"] = float((features.probs.argmax(axis=1) == labels).mean())
+        result["per_class"] = per_class_breakdown(features, labels, ref, network, options)
+    return result
+
+
+def _header(network: FeatureNetwork, ref: ReferenceStats) -> dict:
+    return {"features": network.name, "feature_network": network.source, "feature_fingerprint": network.fingerprint,
+            "ref": ref.name, "n_ref": ref.n, "reference_cache": ref.cache}
+
+
+def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, cache=None, use_cache=True,
+                 options: EvalOptions | None = None) -> dict:
+    """Score the sample file `samples` (ADM layout) against reference `ref`."""
+    options = options or EvalOptions()
+    tic = time.perf_counter()
+    batch = read_image_npz(samples, what="samples")
+    network.check_images(batch.images.shape, "samples")
+    reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
+                               batch_size=options.batch_size)
+    features = extract_features(network, batch.images, batch_size=options.batch_size, desc="samples")
+    result = {"samples": str(Path(samples)), "n_samples": len(batch.images), **_header(network, reference)}
+    result |= score(features, batch.labels, reference, network, options)
+    if reference.notes:
+        result["notes"] = reference.notes
+    result["seconds"] = round(time.perf_counter() - tic, 2)
+    return result
+
+
+def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmnist-test", data_dir=None, cache=None,
+                   use_cache=True, options: EvalOptions | None = None) -> dict:
+    """Real vs real: `n` training images (a fixed random subset) scored like samples against `ref`."""
+    options = options or EvalOptions()
+    tic = time.perf_counter()
+    reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
+                               batch_size=options.batch_size)
+    from ..data import FashionMNIST
+
+    total = len(FashionMNIST("train", data_dir=data_dir))
+    index = np.sort(np.random.default_rng(options.seed).permutation(total)[:min(n, total)])
+    images, labels = fmnist_uint8("train", data_dir, index=index)
+    features = extract_features(network, images, batch_size=options.batch_size, desc="training images")
+    result = {"floor": True, "samples": f"fmnist-train ({len(index)} images, seed {options.seed})",
+              "n_samples": len(index), **_header(network, reference)}
+    result |= score(features, labels, reference, network, options)
+    if reference.notes:
+        result["notes"] = reference.notes
+    result["seconds"] = round(time.perf_counter() - tic, 2)
+    return result
