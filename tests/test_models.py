@@ -248,8 +248,17 @@ def test_cached_decoding_matches_full_forward():
 
 
 def test_save_and_from_pretrained_fp16(tmp_path):
+    import os
+    import stat
+
     model = tiny_gpt()
-    model.save_pretrained(tmp_path / "gpt", dtype="fp16", extra={"note": "x"})
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "gpt", dtype="fp16", extra={"note": "x"})
+    finally:
+        os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # shipped files are readable by everyone
+        assert stat.S_IMODE((tmp_path / "gpt" / name).stat().st_mode) == 0o644, name
     loaded = GPT.from_pretrained(tmp_path / "gpt")
     assert loaded.config == model.config and not loaded.training
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

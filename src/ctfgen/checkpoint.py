@@ -30,8 +30,12 @@ def _umask() -> int:
 
 
 def _publish_mode(path, directory: bool) -> None:
-    """tempfile creates private files (0600/0700); give finished outputs the usual permissions."""
+    """tempfile (and safetensors' own temporary file) create private files (0600/0700); give finished outputs,
+    and the files of a finished directory, the usual permissions."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    if directory:
+        for file in Path(path).iterdir():
+            _publish_mode(file, directory=file.is_dir())
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
