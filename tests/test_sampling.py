@@ -59,3 +59,30 @@ def test_stage2_samples_stay_in_their_clusters():
         assert torch.equal(coarse_map.coarse_of_fine[fine], coarse)
     free = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, restrict=False, generator=generator)
     assert not torch.equal(coarse_map.coarse_of_fine[free], coarse)  # the ablation really lifts the restriction
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
+    """Computing only the members' logits gives what masking all V logits gives."""
+    torch.manual_seed(1)
+    coarse_map = cluster_codebook(torch.randn(64, 4), 8, seed=0)
+    refiner = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, block_size=16,
+                                     num_classes=10)).eval()
+    torch.nn.init.normal_(refiner.output.weight, std=1.0)
+    coarse, labels = torch.randint(8, (50, 16)), torch.randint(10, (50,))
+    with torch.no_grad():
+        if cfg_scale > 1:
+            cond, uncond = refiner(coarse.repeat(2, 1), torch.cat([labels, torch.full_like(labels, 10)]))[0].chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        else:
+            logits = refiner(coarse, labels)[0]
+    masked = logits.masked_fill(coarse_map.coarse_of_fine[None, None] != coarse[..., None], float("-inf"))
+    greedy = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, temperature=0, cfg_scale=cfg_scale)
+    assert torch.equal(greedy, masked.argmax(-1))
+    # Sampled frequencies at one position follow the masked softmax.
+    n = 20000
+    probs = masked[0, 0].softmax(-1)
+    one = refine(refiner, coarse[:1].expand(n, -1), labels[:1].expand(n), coarse_map.coarse_of_fine,
+                 cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))[:, 0]
+    freq = torch.bincount(one, minlength=64).float() / n
+    assert (freq - probs).abs().max() < 0.02 and freq[probs == 0].sum() == 0

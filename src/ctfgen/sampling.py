@@ -96,12 +96,33 @@ def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Stage 2: all fine tokens [B, T] from the coarse grid [B, T] in one forward pass. With
     `restrict`, each position samples only among the codewords of its cluster."""
-    if cfg_scale > 1.0:
-        logits, _ = refiner(coarse.repeat(2, 1), with_null_class(labels, refiner.config.null_class))
-        logits = guided(logits, cfg_scale)
-    else:
-        logits, _ = refiner(coarse, labels)
-    if restrict:
-        allowed = coarse_of_fine.to(coarse.device)[None, None, :] == coarse[..., None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return sample_tokens(logits, temperature=temperature, top_k=top_k, generator=generator)
+    use_cfg = cfg_scale > 1.0
+    rows = (coarse.repeat(2, 1), with_null_class(labels, refiner.config.null_class)) if use_cfg else (coarse, labels)
+    if not restrict:
+        logits, _ = refiner(*rows)
+        return sample_tokens(guided(logits, cfg_scale) if use_cfg else logits, temperature=temperature, top_k=top_k,
+                             generator=generator)
+    hidden = refiner.hidden(*rows)
+    # The head is linear without bias, so guiding the hidden states guides the logits.
+    hidden = guided(hidden, cfg_scale) if use_cfg else hidden
+    return sample_within_clusters(hidden, coarse, refiner.output.weight, coarse_of_fine.to(coarse.device),
+                                  temperature=temperature, top_k=top_k, generator=generator)
+
+
+def sample_within_clusters(hidden: torch.Tensor, coarse: torch.Tensor, head: torch.Tensor, coarse_of_fine: torch.Tensor,
+                           *, temperature: float = 1.0, top_k: int = 0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fine tokens [B, T]: at each position, sampled from the softmax over its cluster's members of
+    `hidden @ head.T`. Only the members' logits are computed (cluster by cluster), not all V of them:
+    a cluster holds V / K codewords on average."""
+    flat_hidden, flat_coarse = hidden.flatten(0, 1), coarse.flatten()
+    members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
+    bounds = torch.cumsum(torch.bincount(coarse_of_fine, minlength=int(coarse_of_fine.max()) + 1), 0).tolist()
+    order = torch.argsort(flat_coarse, stable=True)  # positions grouped by cluster
+    clusters, counts = torch.unique_consecutive(flat_coarse[order], return_counts=True)
+    fine = torch.empty_like(flat_coarse)
+    for cluster, positions in zip(clusters.tolist(), order.split(counts.tolist())):
+        ids = members[(bounds[cluster - 1] if cluster else 0):bounds[cluster]]
+        logits = (flat_hidden[positions] @ head[ids].T).float()
+        fine[positions] = ids[sample_tokens(logits, temperature=temperature, top_k=top_k, generator=generator)]
+    return fine.view_as(coarse)

@@ -45,14 +45,9 @@ class Refiner(ClassConditionalTransformer):
     def __init__(self, config: RefinerConfig):
         super().__init__(config, config.coarse_vocab_size, causal=False)
 
-    def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
-        """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole
-        grid), labels [B] class ids (num_classes = null class).
-
-        Returns (logits [B, T, vocab_size] fp32, loss or None): logits[:, t] is the fine token at
-        position t given the class and the WHOLE coarse grid. With targets [B, T] (the fine tokens),
-        loss is the mean cross-entropy (ignore_index -100). Class dropout applies in training mode.
-        """
+    def hidden(self, coarse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The normalised last hidden states [B, T, dim] of the grid positions: what the output head reads.
+        Sampling within clusters multiplies them by the members' rows of the head only."""
         t = coarse.shape[1]
         if not 1 <= t <= self.config.block_size:
             raise ValueError(f"Refiner got {t} tokens per sample; it takes 1 to block_size={self.config.block_size}")
@@ -61,7 +56,17 @@ class Refiner(ClassConditionalTransformer):
         freqs_cis = self.rope.freqs_cis[: t + 1]
         for layer in self.layers:
             h = layer(h, freqs_cis)
-        logits = self.output(self.norm(h[:, 1:])).float()  # drop the class-token position
+        return self.norm(h[:, 1:])  # drop the class-token position
+
+    def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
+        """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole
+        grid), labels [B] class ids (num_classes = null class).
+
+        Returns (logits [B, T, vocab_size] fp32, loss or None): logits[:, t] is the fine token at
+        position t given the class and the WHOLE coarse grid. With targets [B, T] (the fine tokens),
+        loss is the mean cross-entropy (ignore_index -100). Class dropout applies in training mode.
+        """
+        logits = self.output(self.hidden(coarse, labels)).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
