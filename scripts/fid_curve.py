@@ -1,7 +1,7 @@
 """FID against training progress, CTF vs the baseline (the paper's Figure 2, in small).
 
     python scripts/fid_curve.py --runs runs/fmnist --pipeline pretrained/fmnist --per-class 200 \
-        --out pretrained/fmnist/fid_curve.png
+        --steps 500,700,1000 --out pretrained/fmnist/fid_curve.png
 
 For every step that has a snapshot in all three runs (`<runs>/{baseline,stage1,stage2}/snapshots/step_N`,
 written by `ctfgen train --snapshot-every`), samples `--per-class` images of every class from CTF (stage 1
@@ -50,12 +50,20 @@ def main() -> None:
     parser.add_argument("--pipeline", default="pretrained/fmnist", help="for its tokenizer and coarse map")
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--steps", help="comma-separated steps to score (default: every common snapshot)")
     parser.add_argument("--out", default="fid_curve.png")
     args = parser.parse_args()
     runs, shipped = Path(args.runs), CTFPipeline.from_pretrained(args.pipeline)
     network = load_feature_network("fmnist")
     points = []
-    for step in common_steps(runs):
+    steps = common_steps(runs)
+    if args.steps:
+        wanted = [int(s) for s in args.steps.split(",")]
+        missing = sorted(set(wanted) - set(steps))
+        if missing:
+            raise SystemExit(f"fid_curve: error: no snapshot of step(s) {missing} in all of {', '.join(RUNS)}")
+        steps = wanted
+    for step in steps:
         snapshot = {run: runs / run / "snapshots" / f"step_{step:07d}" for run in RUNS}
         pipe = CTFPipeline(shipped.tokenizer, shipped.coarse_map, GPT.from_pretrained(snapshot["stage1"]),
                            Refiner.from_pretrained(snapshot["stage2"]), GPT.from_pretrained(snapshot["baseline"]))

@@ -76,3 +76,24 @@ $CTFGEN bench --pipeline "$OUT" --batch 64 --json > "$RUNS/eval/bench.json"
 # 8. README figures: the demo grid and the (stage-1 preview | final) pairs.
 $CTFGEN demo --out "$OUT/demo.png"
 $CTFGEN sample --pipeline "$OUT" --classes 0,1,2,3,4,5,6,7,8,9 --seed 0 --preview-grid "$OUT/preview_vs_final.png"
+
+# 9. Table 3 analog: random clustering against k-means at the same K = 128, both CTF models (stage 1 and
+#    stage 2) trained 500 steps with the main schedule; 2,000 samples each. The k-means and baseline figures
+#    at step 500 come from step 10's curve.
+ABL="$RUNS/fmnist/random_k128"
+[ -f "$RUNS/fmnist/random_map_k128.safetensors" ] || \
+  $CTFGEN cluster --tokenizer "$OUT/tokenizer" --k 128 --method random --seed 0 --out "$RUNS/fmnist/random_map_k128.safetensors"
+for stage in stage1 stage2; do
+  [ -f "$ABL/$stage/snapshots/step_0000500/model.safetensors" ] && continue
+  OMP_NUM_THREADS=1 $CTFGEN train --stage "$stage" --map "$RUNS/fmnist/random_map_k128.safetensors" "${TRAIN[@]}" \
+    --steps 500 --snapshot-every 500 --out "$ABL/$stage" > "$ABL.$stage.log" 2>&1 &
+done
+wait
+$CTFGEN assemble --out "$ABL/pipeline" --tokenizer "$OUT/tokenizer" --map "$RUNS/fmnist/random_map_k128.safetensors" \
+  --stage1 "$ABL/stage1/snapshots/step_0000500" --stage2 "$ABL/stage2/snapshots/step_0000500" --dtype fp32
+$CTFGEN sample --pipeline "$ABL/pipeline" --per-class 200 --batch 250 --seed 0 --npz "$RUNS/eval/random_k128.npz"
+$CTFGEN eval --samples "$RUNS/eval/random_k128.npz" --json > "$RUNS/eval/random_k128.json"
+
+# 10. Figure 2 analog: FID against training steps, CTF vs baseline, 2,000 samples per point.
+$PYTHON scripts/fid_curve.py --runs "$RUNS/fmnist" --pipeline "$OUT" --per-class 200 --steps 500,700,1000 \
+  --out "$OUT/fid_curve.png" > "$RUNS/eval/fid_curve.json"
