@@ -11,14 +11,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .assets import pretrained_dir
 from .errors import CtfgenError
-
-REPO_PRETRAINED = Path(__file__).resolve().parents[2] / "pretrained"
-
-
-def pretrained_dir() -> Path:
-    """Bundled assets: $CTFGEN_PRETRAINED, else the repository's pretrained/ folder."""
-    return Path(os.environ.get("CTFGEN_PRETRAINED", REPO_PRETRAINED))
 
 
 def _print_json(obj) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..assets import pretrained_dir
 from ..errors import CtfgenError
 
 INCEPTION_WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"
@@ -201,7 +202,7 @@ class InceptionFeatures(FeatureNetwork):
 
 def load_feature_network(name: str, *, classifier=None, inception_weights=None, device="cpu") -> FeatureNetwork:
     if name == "fmnist":
-        return ClassifierFeatures(classifier, device=device)
+        return ClassifierFeatures(classifier or pretrained_dir() / "fmnist" / "classifier", device=device)
     if name == "inception":
         return InceptionFeatures(inception_weights, device=device)
     raise CtfgenError(f"unknown feature network {name!r}; use fmnist or inception")
