@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ctfgen.evaluation import evaluate_npz, load_feature_network
+from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
@@ -34,13 +30,7 @@ def common_steps(runs: Path) -> list[int]:
 
 
 def score(pipe: CTFPipeline, mode: str, per_class: int, network, batch: int) -> dict:
-    labels = [c for c in range(pipe.num_classes) for _ in range(per_class)]
-    pixels = torch.cat([pipe(labels[i:i + batch], mode=mode, seed=i, batch_size=batch).pixels
-                        for i in range(0, len(labels), batch)])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "samples.npz"
-        np.savez(path, arr_0=pixels.permute(0, 2, 3, 1).numpy(), labels=np.asarray(labels))
-        result = evaluate_npz(path, "fmnist-test", network)
+    result = evaluate_pipeline(pipe, network, per_class, mode=mode, batch_size=batch)
     return {key: result[key] for key in ("fid", "inception_score", "precision", "recall", "accuracy")}
 
 

@@ -8,9 +8,10 @@
     evaluate.py    scoring a sample file, and the real-vs-real floor
 """
 
-from .evaluate import EvalOptions, evaluate_floor, evaluate_npz
+from .evaluate import EvalOptions, evaluate_floor, evaluate_images, evaluate_npz, evaluate_pipeline
 from .features import FeatureNetwork, Features, extract_features, load_feature_network
 from .metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 
-__all__ = ["EvalOptions", "Features", "FeatureNetwork", "evaluate_floor", "evaluate_npz", "extract_features",
-           "frechet_distance", "gaussian_stats", "inception_score", "load_feature_network", "precision_recall"]
+__all__ = ["EvalOptions", "Features", "FeatureNetwork", "evaluate_floor", "evaluate_images", "evaluate_npz",
+           "evaluate_pipeline", "extract_features", "frechet_distance", "gaussian_stats", "inception_score",
+           "load_feature_network", "precision_recall"]

@@ -106,19 +106,40 @@ def _header(network: FeatureNetwork, ref: ReferenceStats) -> dict:
 def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, cache=None, use_cache=True,
                  options: EvalOptions | None = None) -> dict:
     """Score the sample file `samples` (ADM layout) against reference `ref`."""
-    options = options or EvalOptions()
     tic = time.perf_counter()
     batch = read_image_npz(samples, what="samples")
-    network.check_images(batch.images.shape, "samples")
-    reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
-                               batch_size=options.batch_size)
-    features = extract_features(network, batch.images, batch_size=options.batch_size, desc="samples")
-    result = {"samples": str(Path(samples)), "n_samples": len(batch.images), **_header(network, reference)}
-    result |= score(features, batch.labels, reference, network, options)
-    if reference.notes:
-        result["notes"] = reference.notes
+    result = {"samples": str(Path(samples))}
+    result |= evaluate_images(batch.images, batch.labels, ref, network, data_dir=data_dir, cache=cache,
+                              use_cache=use_cache, options=options)
     result["seconds"] = round(time.perf_counter() - tic, 2)
     return result
+
+
+def evaluate_images(images: np.ndarray, labels: np.ndarray | None, ref: str, network: FeatureNetwork, *,
+                    data_dir=None, cache=None, use_cache=True, options: EvalOptions | None = None) -> dict:
+    """Score uint8 images [N, H, W, 3] (with the class ids they were asked for, or None) against `ref`."""
+    options = options or EvalOptions()
+    network.check_images(images.shape, "samples")
+    reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
+                               batch_size=options.batch_size)
+    features = extract_features(network, images, batch_size=options.batch_size, desc="samples")
+    result = {"n_samples": len(images), **_header(network, reference)}
+    result |= score(features, labels, reference, network, options)
+    if reference.notes:
+        result["notes"] = reference.notes
+    return result
+
+
+def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str = "fmnist-test", mode: str = "ctf",
+                      batch_size: int = 250, seed: int = 0, options: EvalOptions | None = None, **sampling) -> dict:
+    """Sample `per_class` images of every class from a CTFPipeline (`mode` ctf or baseline, sampling
+    settings as keyword arguments, batch i seeded with seed + i as `ctfgen sample` does) and score them."""
+    labels = np.repeat(np.arange(pipe.num_classes), per_class)
+    starts = range(0, len(labels), batch_size)
+    pixels = [pipe(labels[i:i + batch_size].tolist(), mode=mode, seed=seed + n, batch_size=batch_size,
+                   **sampling).pixels for n, i in enumerate(starts)]
+    images = np.concatenate([p.permute(0, 2, 3, 1).numpy() for p in pixels])
+    return evaluate_images(images, labels, ref, network, options=options)
 
 
 def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmnist-test", data_dir=None, cache=None,
