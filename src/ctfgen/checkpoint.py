@@ -7,6 +7,7 @@ with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -129,3 +130,28 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained for an nn.Module built from a dataclass `self.config`: a directory
+    with config.json ({"kind", "model": the config}) and model.safetensors, written atomically."""
+
+    checkpoint_kind: str
+    config_class: type
+
+    def save_pretrained(self, directory, dtype: str | None = None, train_state: dict | None = None,
+                        extra: dict | None = None) -> Path:
+        """Write `directory`; dtype "fp16"/"bf16" casts the floating weights (to ship)."""
+        config = {"kind": self.checkpoint_kind, "model": dataclasses.asdict(self.config), **(extra or {})}
+        return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu"):
+        """The model saved in `directory`, in fp32, on `device`, in eval mode."""
+        config = load_config(directory, cls.checkpoint_kind)
+        model = cls(cls.config_class(**config["model"]))
+        try:
+            model.load_state_dict(load_weights(directory))
+        except RuntimeError as e:
+            raise CtfgenError(f"{directory}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
+        return model.to(device).eval()

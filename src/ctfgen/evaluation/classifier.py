@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import DTYPES, load_config, load_weights, save_checkpoint, write_atomic
+from ..checkpoint import DTYPES, PretrainedMixin, write_atomic
 from ..errors import CtfgenError
 
 CHECKPOINT_KIND = "fmnist-classifier"
@@ -40,8 +40,11 @@ class ClassifierConfig:
         self.channels = tuple(self.channels)
 
 
-class FMNISTClassifier(nn.Module):
+class FMNISTClassifier(PretrainedMixin, nn.Module):
     """[B, 3, 32, 32] images in [-1, 1] (the channels are averaged: Fashion-MNIST is grey)."""
+
+    checkpoint_kind = CHECKPOINT_KIND
+    config_class = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
@@ -72,22 +75,12 @@ class FMNISTClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)["logits"]
 
-    def save_pretrained(self, directory, dtype: str | None = None, extra: dict | None = None):
-        config = {"kind": CHECKPOINT_KIND, "model": asdict(self.config), **(extra or {})}
-        return save_checkpoint(directory, config, self.state_dict(), dtype=dtype)
-
     @classmethod
     def from_pretrained(cls, directory, device="cpu") -> FMNISTClassifier:
         if not Path(directory).exists():
             raise CtfgenError(f"no feature classifier at {directory}; train one with `ctfgen eval train-classifier "
                               f"--out {directory}` or pass --classifier DIR")
-        config = load_config(directory, CHECKPOINT_KIND)
-        model = cls(ClassifierConfig(**config["model"]))
-        try:
-            model.load_state_dict(load_weights(directory))
-        except RuntimeError as e:
-            raise CtfgenError(f"{directory}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
+        return super().from_pretrained(directory, device=device)
 
 
 # --- training ---------------------------------------------------------------------------------

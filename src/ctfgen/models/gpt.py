@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import load_config, load_weights, save_checkpoint
+from ..checkpoint import PretrainedMixin
 from ..errors import CtfgenError
 
 CHECKPOINT_KIND = "gpt"
@@ -317,36 +317,6 @@ def drop_foreign_keys(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if k != "freqs_cis" and ".kv_cache." not in k}
 
 
-class PretrainedMixin:
-    """save_pretrained / from_pretrained through ctfgen.checkpoint, for a model with `self.config`."""
-
-    checkpoint_kind: str
-    config_class: type
-
-    def save_pretrained(self, directory, dtype: str | None = None, train_state: dict | None = None,
-                        extra: dict | None = None) -> Path:
-        """Write `directory` (config.json + model.safetensors) atomically; dtype "fp16"/"bf16" to ship."""
-        config = {"kind": self.checkpoint_kind, "model": self.config.to_dict(), **(extra or {})}
-        return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory, device="cpu"):
-        """The model saved in `directory`, in fp32, on `device`, in eval mode."""
-        config = load_config(directory, cls.checkpoint_kind)
-        model = cls(cls.config_class(**config["model"]))
-        try:
-            model.load_state_dict(load_weights(directory))
-        except RuntimeError as e:
-            raise CtfgenError(f"{directory}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict(drop_foreign_keys(state_dict), strict=strict, assign=assign)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # The GPT
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +337,12 @@ class ClassConditionalTransformer(PretrainedMixin, nn.Module):
         self.rope = Rotary2D(config)
         init_weights(self, config.initializer_range)
         nn.init.zeros_(self.output.weight)  # LlamaGen: the output layer starts at zero
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(drop_foreign_keys(state_dict), strict=strict, assign=assign)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 class GPT(ClassConditionalTransformer):

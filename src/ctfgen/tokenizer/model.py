@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import load_config, load_weights, save_checkpoint
-from ..errors import CtfgenError
+from ..checkpoint import PretrainedMixin
 
 CHECKPOINT_KIND = "vq-tokenizer"
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage buffer has this length whatever the codebook size
@@ -260,7 +259,10 @@ class VQOutput:
     quant: QuantizerOutput
 
 
-class VQModel(nn.Module):
+class VQModel(PretrainedMixin, nn.Module):
+    checkpoint_kind = CHECKPOINT_KIND
+    config_class = VQConfig
+
     def __init__(self, config: VQConfig):
         super().__init__()
         self.config = config
@@ -303,21 +305,6 @@ class VQModel(nn.Module):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Token grid [B, h, w] -> images [B, 3, h*f, w*f] (roughly in [-1, 1])."""
         return self.decode_latents(self.quantize.lookup(indices))
-
-    def save_pretrained(self, directory, dtype: str | None = None, train_state: dict | None = None,
-                        extra: dict | None = None):
-        config = {"kind": CHECKPOINT_KIND, "model": self.config.to_dict(), **(extra or {})}
-        return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory, device="cpu") -> VQModel:
-        config = load_config(directory, CHECKPOINT_KIND)
-        model = cls(VQConfig(**config["model"]))
-        try:
-            model.load_state_dict(load_weights(directory))
-        except RuntimeError as e:
-            raise CtfgenError(f"{directory}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
 
 
 def codebook_fingerprint(codebook: torch.Tensor) -> str:
