@@ -71,7 +71,7 @@ for mode in ctf baseline; do
   $CTFGEN sample --pipeline "$OUT" --per-class 1000 --batch 250 --seed 0 "${flag[@]}" --npz "$RUNS/eval/$mode.npz"
   $CTFGEN eval --samples "$RUNS/eval/$mode.npz" --json > "$RUNS/eval/$mode.json"
 done
-$CTFGEN bench --pipeline "$OUT" --batch 64 --json > "$RUNS/eval/bench.json"
+$CTFGEN bench --pipeline "$OUT" --batch 64 --repeats 5 --json > "$RUNS/eval/bench.json"
 
 # 8. README figures: the demo grid and the (stage-1 preview | final) pairs.
 $CTFGEN demo --out "$OUT/demo.png"
@@ -97,3 +97,7 @@ $CTFGEN eval --samples "$RUNS/eval/random_k128.npz" --json > "$RUNS/eval/random_
 # 10. Figure 2 analog: FID against training steps, CTF vs baseline, 2,000 samples per point.
 $PYTHON scripts/fid_curve.py --runs "$RUNS/fmnist" --pipeline "$OUT" --per-class 200 --steps 500,700,1000 \
   --out "$OUT/fid_curve.png" > "$RUNS/eval/fid_curve.json"
+
+# 11. Table 3's sampling sweeps on the shipped CTF pipeline, 2,000 samples per setting.
+$PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 \
+  --settings "cfg_scale=1.5" "cfg_scale=3" "tau1=0.9" "tau2=0.5" "top_k2=3" > "$RUNS/eval/sweep.json"
