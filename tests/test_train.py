@@ -147,3 +147,18 @@ def test_fsdp_two_processes_match_one(codes, tmp_path):
         for key, atol in (("loss", 1e-5), ("grad_norm", 1e-5), ("eval_loss", 1e-5), ("eval_acc", 1e-3)):
             torch.testing.assert_close(torch.tensor([m[key] for m in metrics[1]]),
                                        torch.tensor([m[key] for m in metrics[0]]), atol=atol, rtol=1e-5)
+
+
+def test_views_1_trains_on_the_images_without_their_mirrors(codes, fake_fmnist, tmp_path, capsys):
+    """--views 1 on codes extracted with --flip == training on codes extracted without it."""
+    assert cli.main(["extract", "--tokenizer", str(codes / "tok"), "--data-dir", str(fake_fmnist), "--split",
+                     "train", "--out", str(tmp_path / "plain")]) == 0
+    flipped = train_args(codes, tmp_path / "flipped", "--stage", "stage1", "--steps", "3", "--views", "1")
+    assert cli.main(flipped) == 0
+    plain = train_args(codes, tmp_path / "plain_run", "--stage", "stage1", "--steps", "3")
+    plain[plain.index("--codes") + 1] = str(tmp_path / "plain")
+    assert cli.main(plain) == 0
+    assert_same_weights(tmp_path / "flipped/checkpoint", tmp_path / "plain_run/checkpoint", atol=0)
+    capsys.readouterr()
+    assert cli.main(train_args(codes, tmp_path / "bad", "--stage", "stage1", "--steps", "3", "--views", "3")) == 2
+    assert "stores 2 view(s)" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_items: int = 2000
     ckpt_every: int = 500
     snapshot_every: int = 0  # also keep the weights of every N-th step under snapshots/ (0: never)
+    views: int = 0  # train on the first N stored views of each image (1: without the mirrors); 0: all
     log_every: int = 10
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA / bf16-capable CPUs, else fp32 (see ctfgen.precision)
@@ -197,6 +198,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     sampler = StepBatchSampler(len(data.codes), cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
                                world_size=runtime.world_size)
     n_views = data.codes.manifest["views"]
+    if cfg.views:
+        if not 1 <= cfg.views <= n_views:
+            raise CtfgenError(f"--views {cfg.views}: {cfg.codes} stores {n_views} view(s) of each image")
+        n_views = cfg.views
     metrics_file = out / "metrics.jsonl"
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
