@@ -121,7 +121,6 @@ def _class_list(args, num_classes: int) -> list[int]:
 def cmd_sample(args) -> None:
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from .checkpoint import write_atomic
     from .images import make_grid, save_png
@@ -132,14 +131,9 @@ def cmd_sample(args) -> None:
     mode = "baseline" if args.baseline else "ctf"
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
-    pixels, previews = [], []
-    batches = [classes[i:i + args.batch] for i in range(0, len(classes), args.batch)]
-    for i, batch in enumerate(tqdm(batches, desc=f"sample[{mode}]", unit="batch", disable=None)):
-        result = pipe(batch, mode=mode, seed=args.seed + i, batch_size=args.batch, preview=bool(args.preview_grid),
-                      **_sampling_kwargs(args))
-        pixels.append(result.pixels)
-        previews.append(result.preview_pixels)
-    pixels = torch.cat(pixels)
+    result = pipe.sample_batches(classes, mode=mode, batch_size=args.batch, seed=args.seed, progress=True,
+                                 preview=bool(args.preview_grid), **_sampling_kwargs(args))
+    pixels = result.pixels
     labels = np.asarray(classes, dtype=np.int64)
     if args.npz:
         arr = pixels.permute(0, 2, 3, 1).numpy()
@@ -154,7 +148,7 @@ def cmd_sample(args) -> None:
     if args.grid:
         print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
     if args.preview_grid:
-        pairs = torch.stack([torch.cat(previews), pixels], dim=1).flatten(0, 1)
+        pairs = torch.stack([result.preview_pixels, pixels], dim=1).flatten(0, 1)
         print(f"wrote {save_png(make_grid(pairs, ncol=2 * ncol), args.preview_grid)}: (stage-1 preview | final) pairs")
     if args.out:
         out = Path(args.out)

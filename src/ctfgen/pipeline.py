@@ -183,6 +183,23 @@ class CTFPipeline:
                       cfg_scale=cfg_scale2, restrict=restrict, generator=generator)
         return fine.view(-1, g, g), coarse.view(-1, g, g)
 
+    def sample_batches(self, class_labels, *, batch_size: int = 64, seed: int = 0, progress: bool = False,
+                       preview: bool = False, **sampling) -> PipelineOutput:
+        """Many images: `__call__` on consecutive batches of `batch_size`, batch i seeded with seed + i, so
+        that a batch's images do not depend on how many batches come before it; with a progress bar."""
+        from tqdm import tqdm
+
+        labels = [int(c) for c in torch.as_tensor(class_labels).flatten()]
+        starts = range(0, len(labels), batch_size)
+        outputs = [self(labels[start:start + batch_size], seed=seed + i, batch_size=batch_size, preview=preview,
+                        **sampling)
+                   for i, start in enumerate(tqdm(starts, desc=f"sample[{sampling.get('mode', 'ctf')}]",
+                                                  unit="batch", disable=None if progress else True))]
+        pixels = torch.cat([out.pixels for out in outputs])
+        previews = torch.cat([out.preview_pixels for out in outputs]) if preview else None
+        return PipelineOutput([image for out in outputs for image in out.images], pixels,
+                              [image for out in outputs for image in out.previews] if preview else None, previews)
+
     @torch.no_grad()
     def __call__(self, class_labels, *, mode: str = "ctf", cfg_scale: float = 2.0, cfg_interval: int = -1,
                  tau1: float = 1.0, tau2: float = 1.0, top_k: int = 0, top_p: float = 1.0, top_k2: int = 0,

@@ -116,13 +116,14 @@ def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, c
 
 
 def evaluate_images(images: np.ndarray, labels: np.ndarray | None, ref: str, network: FeatureNetwork, *,
-                    data_dir=None, cache=None, use_cache=True, options: EvalOptions | None = None) -> dict:
+                    data_dir=None, cache=None, use_cache=True, options: EvalOptions | None = None,
+                    what: str = "samples") -> dict:
     """Score uint8 images [N, H, W, 3] (with the class ids they were asked for, or None) against `ref`."""
     options = options or EvalOptions()
-    network.check_images(images.shape, "samples")
+    network.check_images(images.shape, what)
     reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
                                batch_size=options.batch_size)
-    features = extract_features(network, images, batch_size=options.batch_size, desc="samples")
+    features = extract_features(network, images, batch_size=options.batch_size, desc=what)
     result = {"n_samples": len(images), **_header(network, reference)}
     result |= score(features, labels, reference, network, options)
     if reference.notes:
@@ -135,10 +136,8 @@ def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str
     """Sample `per_class` images of every class from a CTFPipeline (`mode` ctf or baseline, sampling
     settings as keyword arguments, batch i seeded with seed + i as `ctfgen sample` does) and score them."""
     labels = np.repeat(np.arange(pipe.num_classes), per_class)
-    starts = range(0, len(labels), batch_size)
-    pixels = [pipe(labels[i:i + batch_size].tolist(), mode=mode, seed=seed + n, batch_size=batch_size,
-                   **sampling).pixels for n, i in enumerate(starts)]
-    images = np.concatenate([p.permute(0, 2, 3, 1).numpy() for p in pixels])
+    pixels = pipe.sample_batches(labels, mode=mode, batch_size=batch_size, seed=seed, **sampling).pixels
+    images = pixels.permute(0, 2, 3, 1).numpy()
     return evaluate_images(images, labels, ref, network, options=options)
 
 
@@ -147,18 +146,13 @@ def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmni
     """Real vs real: `n` training images (a fixed random subset) scored like samples against `ref`."""
     options = options or EvalOptions()
     tic = time.perf_counter()
-    reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
-                               batch_size=options.batch_size)
     from ..data import FashionMNIST
 
     total = len(FashionMNIST("train", data_dir=data_dir))
     index = np.sort(np.random.default_rng(options.seed).permutation(total)[:min(n, total)])
     images, labels = fmnist_uint8("train", data_dir, index=index)
-    features = extract_features(network, images, batch_size=options.batch_size, desc="training images")
-    result = {"floor": True, "samples": f"fmnist-train ({len(index)} images, seed {options.seed})",
-              "n_samples": len(index), **_header(network, reference)}
-    result |= score(features, labels, reference, network, options)
-    if reference.notes:
-        result["notes"] = reference.notes
+    result = {"floor": True, "samples": f"fmnist-train ({len(index)} images, seed {options.seed})"}
+    result |= evaluate_images(images, labels, ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
+                              options=options, what="training images")
     result["seconds"] = round(time.perf_counter() - tic, 2)
     return result
