@@ -42,13 +42,19 @@ upstream), which work on CPU builds. `decode_n_tokens` enters
 every step; despite the name its flags are global and CPU dispatch honours them, so LlamaGen's
 decode steps run the MATH attention backend (its prefill, and all of ours, run the default: the CPU
 flash kernel). That is LlamaGen's code as written and is kept and timed. Recent torch versions emit
-a FutureWarning (deprecated API) from it; that warning alone is filtered. No torch.compile on
-either side.
+a FutureWarning (deprecated API) from it; that warning alone is filtered.
+
+Compilation: none by default. --compile compiles our one-token decode step
+(`GPT.compile_decode_step`); --compile-llamagen compiles LlamaGen's whole model the way its
+`autoregressive/sample/sample_c2i.py --compile` does (`torch.compile(model, mode="reduce-overhead",
+fullgraph=True)`). Compilation happens after the greedy check (which runs eager) and its cost falls in
+the untimed warm-up run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -141,6 +147,9 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16 casts both models' weights (see the docstring)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--compile-llamagen", action="store_true",
+                        help="torch.compile LlamaGen's model as its sample_c2i.py --compile does")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -154,13 +163,13 @@ def main() -> None:
     labels = torch.arange(args.batch) % config.num_classes
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
-    def run_ours(**kwargs):
+    def run_ours(model=ours, **kwargs):
         with torch.inference_mode():
-            return generate(ours, labels, cfg_scale=args.cfg_scale, **(sampling | kwargs))
+            return generate(model, labels, cfg_scale=args.cfg_scale, **(sampling | kwargs))
 
-    def run_theirs(**kwargs):
+    def run_theirs(model=theirs, **kwargs):
         with torch.inference_mode():
-            return generate_module.generate(theirs, labels, config.block_size, cfg_scale=args.cfg_scale,
+            return generate_module.generate(model, labels, config.block_size, cfg_scale=args.cfg_scale,
                                             cfg_interval=-1, sample_logits=True, **(sampling | kwargs))
 
     ours_greedy, theirs_greedy = run_ours(top_k=1), run_theirs(top_k=1)  # fp32 (see the docstring)
@@ -175,12 +184,22 @@ def main() -> None:
         agreement = (run_ours(top_k=1) == run_theirs(top_k=1).long()).float().mean().item()
         extra["bf16_greedy_token_agreement"] = round(agreement, 4)
 
-    torch.manual_seed(args.seed)
-    run_ours(), run_theirs()  # warm-up
-    times = {"ours": [], "llamagen": []}
+    # Eager runs always; the compiled variants beside them, on the same weights.
     runs = {"ours": run_ours, "llamagen": run_theirs}
+    if args.compile:
+        ours_compiled = copy.deepcopy(ours)
+        ours_compiled.compile_decode_step()
+        runs["ours_compiled"] = lambda: run_ours(ours_compiled)
+    if args.compile_llamagen:
+        theirs_compiled = torch.compile(theirs, mode="reduce-overhead", fullgraph=True)
+        runs["llamagen_compiled"] = lambda: run_theirs(theirs_compiled)
+
+    torch.manual_seed(args.seed)
+    for run in runs.values():
+        run()  # warm-up (and compilation)
+    times = {name: [] for name in runs}
     for r in range(args.repeats):
-        for name in (("ours", "llamagen") if r % 2 == 0 else ("llamagen", "ours")):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             tic = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - tic)
@@ -190,13 +209,17 @@ def main() -> None:
               "config": {k: getattr(config, k) for k in ("dim", "n_layer", "n_head", "vocab_size", "block_size",
                                                          "num_classes")},
               "batch": args.batch, "cfg_scale": args.cfg_scale, **sampling, "precision": args.precision,
+              "compiled": {"ours": args.compile, "llamagen": args.compile_llamagen},
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_has_fast_bf16": cpu_has_fast_bf16(),
               "llamagen": str(Path(args.llamagen).resolve()), "tokens_match": True, **extra}
     for name, seconds in times.items():
         result[f"{name}_seconds"] = [round(s, 4) for s in seconds]
         result[f"{name}_images_per_s"] = round(args.batch / statistics.median(seconds), 2)
-    result["ours_over_llamagen"] = round(result["ours_images_per_s"] / result["llamagen_images_per_s"], 3)
+    for ours_name in (name for name in runs if name.startswith("ours")):
+        for their_name in (name for name in runs if name.startswith("llamagen")):
+            ratio = result[f"{ours_name}_images_per_s"] / result[f"{their_name}_images_per_s"]
+            result[f"{ours_name}_over_{their_name}"] = round(ratio, 3)
     print(json.dumps(result, indent=2))
 
 

@@ -225,7 +225,8 @@ def test_refiner_is_bidirectional_and_trains():
     assert torch.isfinite(loss)
 
 
-def test_cached_decoding_matches_full_forward():
+@pytest.mark.parametrize("prefix_only", [False, True])
+def test_cached_decoding_matches_full_forward(prefix_only):
     model = tiny_gpt()
     batch, block = 3, model.config.block_size
     idx, labels = torch.randint(0, 37, (batch, block)), torch.tensor([0, 2, 5])  # 5 = the null class
@@ -236,7 +237,7 @@ def test_cached_decoding_matches_full_forward():
         assert not any("cache" in k or "mask" in k for k in model.state_dict())
         steps = [model.prefill(labels)]
         for t in range(block - 1):
-            steps.append(model.decode_step(idx[:, t], torch.tensor([t + 1])))
+            steps.append(model.decode_step(idx[:, t], torch.tensor([t + 1]), kv_len=t + 2 if prefix_only else None))
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=0)
         # prefill with a prefix of image tokens, then continue
         model.setup_caches(max_batch_size=batch)

@@ -4,7 +4,7 @@ import torch
 from ctfgen.clustering import cluster_codebook
 from ctfgen.models.gpt import GPT, gpt_config
 from ctfgen.models.refiner import Refiner, refiner_config
-from ctfgen.sampling import filter_logits, generate, generate_uncached, refine
+from ctfgen.sampling import filter_logits, generate, generate_uncached, refine, sample_categorical
 
 
 def random_gpt(vocab=32, block=16, seed=0):
@@ -35,6 +35,20 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def test_sample_categorical_follows_the_probabilities_and_never_picks_zeros(monkeypatch):
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    n = 50000
+    draws = sample_categorical(probs[:, None].expand(-1, n, -1), torch.Generator().manual_seed(0))
+    assert draws.shape == (2, n)
+    for row, p in zip(draws, probs):
+        freq = torch.bincount(row, minlength=6).float() / n
+        assert (freq - p).abs().max() < 0.01
+        assert freq[p == 0].sum() == 0
+    # u * total rounding up to the total (u = 1 stands in for it) still picks a token with p > 0.
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape))
+    assert sample_categorical(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).item() == 1
 
 
 def test_top_k_and_top_p_filters():
@@ -86,3 +100,14 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
                  cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))[:, 0]
     freq = torch.bincount(one, minlength=64).float() / n
     assert (freq - probs).abs().max() < 0.02 and freq[probs == 0].sum() == 0
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    model = random_gpt()
+    labels = torch.tensor([0, 3, 7, 9])
+    eager = generate(model, labels, cfg_scale=2.0, temperature=0)
+    model.compile_decode_step()
+    assert model.decode_step_compiled
+    compiled = generate(model, labels, cfg_scale=2.0, temperature=0)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(generate(model, labels[:2], cfg_scale=2.0, temperature=0), eager[:2])  # another batch size

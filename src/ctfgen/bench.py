@@ -53,8 +53,9 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = 2.0, repeat
             model.to(dtype)  # the tokenizer stays fp32: bf16 convolutions are slow on CPUs without AMX
     labels = torch.arange(batch) % pipe.num_classes
     generator = torch.Generator().manual_seed(0)
+    compiled = any(m.decode_step_compiled for m in (pipe.stage1, pipe.baseline) if m is not None)
     result = {"batch": batch, "cfg_scale": cfg_scale, "precision": precision, "threads": torch.get_num_threads(),
-              "repeats": repeats}
+              "repeats": repeats, "compiled_decode_step": compiled}
 
     def images_per_s(fn):
         return batch / median_seconds(fn, repeats)
@@ -103,6 +104,6 @@ def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) 
     position = model.config.block_size // 2
     token = torch.zeros(rows, dtype=torch.long)
     input_pos = torch.tensor([position])
-    seconds = median_seconds(lambda: model.decode_step(token, input_pos), repeats=20, warmup=3)
+    seconds = median_seconds(lambda: model.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
     model.clear_caches()
     return {"decode_step_ms": seconds * 1e3, "decode_step_flops": decode_step_flops(model, rows, position) / seconds}

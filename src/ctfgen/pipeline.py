@@ -140,6 +140,14 @@ class CTFPipeline:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    def compile_decoding(self) -> CTFPipeline:
+        """torch.compile the one-token decode step of stage 1 and the baseline (`GPT.compile_decode_step`).
+        The first batch pays the compile time, so it pays off over many batches, not for one demo grid."""
+        for model in (self.stage1, self.baseline):
+            if model is not None:
+                model.compile_decode_step()
+        return self
+
     def _check_request(self, labels: torch.Tensor, mode: str, cfg_scale: float, top_k: int, top_k2: int) -> None:
         if mode not in ("ctf", "baseline"):
             raise CtfgenError(f"unknown mode {mode!r}; use 'ctf' or 'baseline'")

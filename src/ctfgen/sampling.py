@@ -33,8 +33,19 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return sample_categorical(probs, generator)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs [..., V] by inverting the cumulative distribution: one uniform number
+    per row. On the CPU this is ~40x faster than torch.multinomial, which draws V exponentials per row
+    (8 ms for 64 x 4096 here, a fifth of a decode step)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    # u * total may round up to total; keep it below, so the first cdf entry above it is a token with p > 0.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -66,9 +77,13 @@ def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_in
     cond = with_null_class(labels, model.config.null_class) if use_cfg else labels
     tokens[:, 0] = pick(model.prefill(cond), 0)
     input_pos = torch.ones(1, dtype=torch.long, device=labels.device)
+    # On the CPU each step attends to the filled part of the cache only (the compiled step becomes ~12% faster
+    # at batch 64 with CFG); on GPUs to the whole masked cache, so that every shape is fixed (CUDA graphs).
+    prefix_only = labels.device.type == "cpu"
     for t in range(1, n_tokens):
         previous = tokens[:, t - 1]
-        logits = model.decode_step(previous.repeat(2) if use_cfg else previous, input_pos)
+        logits = model.decode_step(previous.repeat(2) if use_cfg else previous, input_pos,
+                                   kv_len=t + 1 if prefix_only else None)
         tokens[:, t] = pick(logits, t)
         input_pos += 1
     model.clear_caches()
