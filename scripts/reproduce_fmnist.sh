@@ -72,10 +72,12 @@ for mode in ctf baseline; do
   $CTFGEN eval --samples "$RUNS/eval/$mode.npz" --json > "$RUNS/eval/$mode.json"
 done
 $CTFGEN bench --pipeline "$OUT" --batch 64 --repeats 5 --json > "$RUNS/eval/bench.json"
-# Decoding against LlamaGen's own generate(), given a checkout of FoundationVision/LlamaGen.
+$CTFGEN bench --pipeline "$OUT" --batch 64 --repeats 5 --compile --json > "$RUNS/eval/bench_compiled.json"
+# Decoding against LlamaGen's own generate(), eager and compiled on both sides, given a checkout of
+# FoundationVision/LlamaGen.
 if [ -n "${LLAMAGEN_DIR:-}" ]; then
   $PYTHON benchmarks/llamagen_decode.py --llamagen "$LLAMAGEN_DIR" --batch 64 --repeats 5 --weights "$OUT/baseline" \
-    > "$RUNS/eval/llamagen.json"
+    --compile --compile-llamagen > "$RUNS/eval/llamagen.json"
 fi
 
 # 8. README figures: the demo grid and the (stage-1 preview | final) pairs.

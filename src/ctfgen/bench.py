@@ -1,6 +1,7 @@
 """`ctfgen bench`: sampling throughput of CTF against the baseline, measured in one process.
 
-Every figure is the median over repeated runs after a warm-up. Besides images/s, the decode step
+Every figure is the median over repeated runs after a warm-up; the runs of all stages and of both
+methods alternate, so that load from other processes hits them alike. Besides images/s, the decode step
 (one stage-1 token for the whole batch) is reported as achieved FLOP/s, and as a fraction of this
 machine's bf16 matmul peak measured in the same run.
 """
@@ -17,15 +18,23 @@ from .precision import resolve_precision
 from .sampling import generate, refine
 
 
+def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, after `warmup` untimed calls each, timed in alternating order
+    (a b c, c b a, a b c, ...) so that slow spells of a shared machine hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            tic = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+    return interleaved_median_seconds({"fn": fn}, repeats, warmup)["fn"]
 
 
 def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -57,31 +66,34 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = 2.0, repeat
     result = {"batch": batch, "cfg_scale": cfg_scale, "precision": precision, "threads": torch.get_num_threads(),
               "repeats": repeats, "compiled_decode_step": compiled}
 
-    def images_per_s(fn):
-        return batch / median_seconds(fn, repeats)
-
     g = pipe.grid
+    timed = {}  # name -> one batch of work; all timed together, interleaved
     if pipe.stage1 is not None:
         coarse = generate(pipe.stage1, labels, cfg_scale=cfg_scale, generator=generator)
         fine = refine(pipe.stage2, coarse, labels, pipe.coarse_map.coarse_of_fine, generator=generator)
+        timed |= {
+            "ctf": lambda: pipe(labels, cfg_scale=cfg_scale, batch_size=batch, seed=0),
+            "ctf_stage1": lambda: generate(pipe.stage1, labels, cfg_scale=cfg_scale, generator=generator),
+            "ctf_stage2": lambda: refine(pipe.stage2, coarse, labels, pipe.coarse_map.coarse_of_fine,
+                                         generator=generator),
+            "ctf_decode": lambda: pipe.tokenizer.decode(fine.view(-1, g, g)),
+        }
+    if pipe.baseline is not None:
+        timed |= {
+            "baseline": lambda: pipe(labels, mode="baseline", cfg_scale=cfg_scale, batch_size=batch, seed=0),
+            "baseline_gpt": lambda: generate(pipe.baseline, labels, cfg_scale=cfg_scale, generator=generator),
+        }
+    images_per_s = {name: batch / seconds for name, seconds in interleaved_median_seconds(timed, repeats).items()}
+    if pipe.stage1 is not None:
         result["ctf"] = {
-            "stage1_images_per_s": images_per_s(lambda: generate(pipe.stage1, labels, cfg_scale=cfg_scale,
-                                                                 generator=generator)),
-            "stage2_images_per_s": images_per_s(lambda: refine(pipe.stage2, coarse, labels,
-                                                               pipe.coarse_map.coarse_of_fine, generator=generator)),
-            "decode_images_per_s": images_per_s(lambda: pipe.tokenizer.decode(fine.view(-1, g, g))),
-            "images_per_s": images_per_s(lambda: pipe(labels, cfg_scale=cfg_scale, batch_size=batch, seed=0)),
+            "stage1_images_per_s": images_per_s["ctf_stage1"], "stage2_images_per_s": images_per_s["ctf_stage2"],
+            "decode_images_per_s": images_per_s["ctf_decode"], "images_per_s": images_per_s["ctf"],
             "stage1_params": pipe.stage1.num_params(), "stage2_params": pipe.stage2.num_params(),
         }
         result["ctf"] |= decode_step_report(pipe.stage1, batch, cfg_scale, dtype)
     if pipe.baseline is not None:
-        result["baseline"] = {
-            "images_per_s": images_per_s(lambda: pipe(labels, mode="baseline", cfg_scale=cfg_scale,
-                                                      batch_size=batch, seed=0)),
-            "gpt_images_per_s": images_per_s(lambda: generate(pipe.baseline, labels, cfg_scale=cfg_scale,
-                                                              generator=generator)),
-            "params": pipe.baseline.num_params(),
-        }
+        result["baseline"] = {"images_per_s": images_per_s["baseline"],
+                              "gpt_images_per_s": images_per_s["baseline_gpt"], "params": pipe.baseline.num_params()}
         result["baseline"] |= decode_step_report(pipe.baseline, batch, cfg_scale, dtype)
     if "ctf" in result and "baseline" in result:
         result["ctf_over_baseline"] = result["ctf"]["images_per_s"] / result["baseline"]["images_per_s"]
