@@ -116,3 +116,15 @@ $PYTHON scripts/fid_curve.py --runs "$RUNS/fmnist" --pipeline "$OUT" --per-class
 # 11. Table 3's sampling sweeps on the shipped CTF pipeline, 2,000 samples per setting.
 $PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 \
   --settings "cfg_scale=1.5" "cfg_scale=3" "tau1=0.9" "tau2=0.5" "top_k2=3" > "$RUNS/eval/sweep.json"
+
+# 12. Table 3's stage-2 size, and speed: a GPT-XS refiner (2 layers, a third of GPT-S) trained like the shipped
+#     stage 2 (1,000 steps, ~8 min on 2 threads), swapped into the shipped pipeline; 10,000 samples and the bench.
+XS="$RUNS/fmnist/stage2_xs"
+[ -f "$XS/run/snapshots/step_0001000/model.safetensors" ] || \
+  $CTFGEN train --stage stage2 --map "$OUT/coarse_map_k128.safetensors" "${TRAIN[@]}" --model GPT-XS --snapshot-every 500 \
+    $( [ -f "$XS/run/checkpoint/train_state.pt" ] && echo --resume ) --out "$XS/run"
+$CTFGEN assemble --out "$XS/pipeline" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
+  --stage1 "$OUT/stage1" --stage2 "$XS/run/snapshots/step_0001000" --baseline "$OUT/baseline" --class-names fmnist --dtype fp16
+$CTFGEN bench --pipeline "$XS/pipeline" --batch 64 --repeats 7 --json > "$RUNS/eval/bench_xs.json"
+$CTFGEN sample --pipeline "$XS/pipeline" --per-class 1000 --batch 250 --seed 0 --npz "$RUNS/eval/ctf_xs.npz"
+$CTFGEN eval --samples "$RUNS/eval/ctf_xs.npz" --json > "$RUNS/eval/ctf_xs.json"

@@ -90,6 +90,7 @@ def test_presets_and_config_checks():
     assert shapes["GPT-B"] == (12, 12, 768) and shapes["GPT-L"] == (24, 16, 1024)
     assert shapes["GPT-XL"] == (36, 20, 1280) and shapes["GPT-XXL"] == (48, 24, 1536)
     assert shapes["GPT-S"] == (6, 4, 256) and shapes["GPT-M"] == (8, 6, 384) and shapes["GPT-tiny"] == (2, 2, 64)
+    assert shapes["GPT-XS"] == (2, 4, 256)
     c = GPT_PRESETS["GPT-B"]
     assert (c.token_dropout_p, c.resid_dropout_p, c.ffn_dropout_p, c.attn_dropout_p, c.drop_path_rate,
             c.class_dropout_prob, c.initializer_range, c.rope_base, c.norm_eps) == \

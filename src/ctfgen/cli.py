@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--codes", required=True, help="training codes from `ctfgen extract`")
     tr.add_argument("--eval-codes", help="held-out codes for loss/accuracy every --eval-every steps")
     tr.add_argument("--map", help="coarse map (stage1, stage2)")
-    tr.add_argument("--model", default="GPT-S", help="preset: GPT-tiny, GPT-S, GPT-M, GPT-B, GPT-L, GPT-XL, GPT-XXL")
+    tr.add_argument("--model", default="GPT-S",
+                    help="preset: GPT-tiny, GPT-XS, GPT-S, GPT-M, GPT-B, GPT-L, GPT-XL, GPT-XXL")
     tr.add_argument("--out", required=True, help="run directory (checkpoint/, metrics.jsonl)")
     for name, kind, default in [("steps", int, 1000), ("batch-size", int, 64), ("grad-accum", int, 1),
                                 ("lr", float, 1e-4), ("weight-decay", float, 0.05), ("grad-clip", float, 1.0),

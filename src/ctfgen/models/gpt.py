@@ -96,6 +96,7 @@ MODEL_SHAPES = {
     # CPU-sized, for the bundled Fashion-MNIST setup.
     "GPT-M": dict(n_layer=8, n_head=6, dim=384),
     "GPT-S": dict(n_layer=6, n_head=4, dim=256),
+    "GPT-XS": dict(n_layer=2, n_head=4, dim=256),  # a third of GPT-S: a cheap stage-2 refiner
     # For tests only.
     "GPT-tiny": dict(n_layer=2, n_head=2, dim=64),
 }
