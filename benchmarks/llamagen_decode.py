@@ -4,8 +4,8 @@
 
 Prints JSON: images/s of `ctfgen.sampling.generate` (with `ctfgen.models.gpt.GPT`) and of LlamaGen's
 `autoregressive.models.generate.generate` (with its `autoregressive.models.gpt.Transformer`), each the
-median over --repeats timed runs after one warm-up; the runs of the two alternate, so that load from
-other processes hits both alike. The ratio ours/llamagen > 1 means ours is faster.
+median over --repeats timed runs after one warm-up; the runs of all variants alternate, so that load from
+other processes hits them alike. The ratio ours/llamagen > 1 means ours is faster.
 
 LlamaGen's code is not vendored: --llamagen PATH (or env LLAMAGEN_DIR) must point to a checkout of
 FoundationVision/LlamaGen; it is put first on sys.path and `autoregressive.models.gpt`,
@@ -60,12 +60,12 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from ctfgen.bench import interleaved_seconds
 from ctfgen.models.gpt import GPT, GPTConfig, gpt_config
 from ctfgen.precision import cpu_has_fast_bf16
 from ctfgen.sampling import generate
@@ -195,14 +195,7 @@ def main() -> None:
         runs["llamagen_compiled"] = lambda: run_theirs(theirs_compiled)
 
     torch.manual_seed(args.seed)
-    for run in runs.values():
-        run()  # warm-up (and compilation)
-    times = {name: [] for name in runs}
-    for r in range(args.repeats):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            tic = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - tic)
+    times = interleaved_seconds(runs, args.repeats)  # the warm-up run also compiles
 
     result = {"model": "from --weights" if args.weights else args.model,
               "weights": args.weights or f"random, seed {args.seed}",

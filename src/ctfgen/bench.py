@@ -18,9 +18,9 @@ from .precision import resolve_precision
 from .sampling import generate, refine
 
 
-def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, after `warmup` untimed calls each, timed in alternating order
-    (a b c, c b a, a b c, ...) so that slow spells of a shared machine hit all of them alike."""
+def interleaved_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each of `repeats` calls of each function, after `warmup` untimed calls each, timed in
+    alternating order (a b c, c b a, a b c, ...) so that slow spells of a shared machine hit all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -30,7 +30,11 @@ def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict
             tic = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+    return times
+
+
+def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    return {name: statistics.median(seconds) for name, seconds in interleaved_seconds(fns, repeats, warmup).items()}
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
