@@ -437,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("warmup-steps", int, 0), ("class-dropout", float, 0.1), ("dropout", float, None),
                                 ("ema", float, 0.0), ("eval-every", int, 500), ("eval-items", int, 2000),
                                 ("ckpt-every", int, 500), ("snapshot-every", int, 0), ("views", int, 0),
-                                ("log-every", int, 10),
-                                ("seed", int, 0)]:
+                                ("log-every", int, 10), ("seed", int, 0)]:
         tr.add_argument(f"--{name}", type=kind, default=default)
     tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere")
