@@ -156,10 +156,13 @@ class CodeDataset(Dataset):
 
     def grids(self, index) -> torch.Tensor:
         """Fine grids [len(index), views, h, w] for a sorted or unsorted list of indices."""
-        index = np.asarray(index)
+        index = np.asarray(index, dtype=np.int64)
         shard = np.searchsorted(self.offsets, index, side="right") - 1
-        return torch.from_numpy(np.stack([self.codes[s][i - self.offsets[s]] for s, i in zip(shard, index)])
-                                .astype(np.int64))
+        out = np.empty((len(index), *self.codes[0].shape[1:]), dtype=np.int64)
+        for s in np.unique(shard):  # one gather per shard, not per item
+            rows = shard == s
+            out[rows] = self.codes[s][index[rows] - self.offsets[s]]
+        return torch.from_numpy(out)
 
     def __getitem__(self, i: int):
         return self.grids([i])[0], int(self.labels[i])

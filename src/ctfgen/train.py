@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -43,6 +45,7 @@ from .errors import CtfgenError
 from .models.gpt import GPT, TransformerBlock, gpt_config
 from .models.refiner import Refiner, refiner_config
 from .precision import autocast_context
+from .schedule import LR_SCHEDULES, learning_rate
 from .tokenizer.train import StopFlag
 
 STAGES = ("baseline", "stage1", "stage2")
@@ -65,6 +68,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant (LlamaGen) or cosine decay to lr / 10 at the last step
     class_dropout: float = 0.1
     dropout: float | None = None  # overrides token/residual/FFN dropout (LlamaGen: 0.1)
     ema: float = 0.0  # EMA decay; 0 disables
@@ -79,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     fsdp: bool = False  # under torchrun, FSDP2 instead of DDP; ignored (unsharded) in a single process
+    compile: bool = False  # torch.compile the forward and backward (~30 s once; ~1.2x faster steps on a CPU)
     progress: bool = True
 
 
@@ -133,6 +138,12 @@ def stage_loss(model, inputs, labels, targets):
     return loss, (logits.argmax(-1) == targets).sum()
 
 
+def attention_kernel(device: torch.device):
+    """The attention kernel to train with: on CPUs the explicit (math) one, whose backward over these short
+    sequences is ~5x faster than the fused flash kernel's (measured on GPT-S, 65 positions); on GPUs the default."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float):
     """Weight decay on matrices and embeddings, not on norms (as LlamaGen / nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,6 +182,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     coarse_map = CoarseMap.load(cfg.map) if cfg.map else None
     data = StageData(cfg.stage, CodeDataset(cfg.codes, coarse_map), coarse_map)
     eval_data = StageData(cfg.stage, CodeDataset(cfg.eval_codes, coarse_map), coarse_map) if cfg.eval_codes else None
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise CtfgenError(f"unknown --lr-schedule {cfg.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
     if cfg.batch_size % (runtime.world_size * cfg.grad_accum):
         raise CtfgenError(f"--batch-size {cfg.batch_size} must divide evenly into {runtime.world_size} processes "
                           f"x {cfg.grad_accum} accumulation steps")
@@ -179,8 +192,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, data).to(device)
     train_model = wrap_for_training(model, cfg, runtime)  # FSDP shards `model` in place: wrap before the optimizer
+    if cfg.compile:
+        train_model = torch.compile(train_model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
+                                  fused=True)
     # The EMA has the layout of the weights: sharded like them under FSDP (the update is elementwise).
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
     start_step = 0
@@ -236,14 +251,14 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
         local = sampler.local_slice()
         index, views = batch[local], views[local]
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total_loss = torch.zeros((), device=device)
         for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum)):
             inputs, labels, targets = (t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
-            with autocast_context(cfg.precision, device):
-                loss, _ = stage_loss(train_model, inputs, labels, targets)
+            with autocast_context(cfg.precision, device), attention_kernel(device):
+                _, loss = train_model(inputs, labels, targets)
             (loss / cfg.grad_accum).backward()
             total_loss += loss.detach() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -262,7 +277,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             tic = time.perf_counter()
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            last |= {"step": step + 1, **held_out_metrics(train_model, eval_data, cfg, runtime)}
+            last |= {"step": step + 1, **held_out_metrics(model, eval_data, cfg, runtime)}  # uncompiled, unwrapped
         if last.get("step") == step + 1 and runtime.is_main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(last) + "\n")

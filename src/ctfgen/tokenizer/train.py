@@ -9,7 +9,6 @@ continues exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from ..data import collate_images, load_dataset
 from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, launched
 from ..errors import CtfgenError
 from ..precision import autocast_context
+from ..schedule import learning_rate
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .model import VQ_PRESETS, VQConfig, VQModel
 
@@ -69,14 +69,6 @@ def _build_model(cfg: TokenizerTrainConfig) -> VQModel:
         preset["codebook_size"] = cfg.codebook_size
     preset["entropy_loss_ratio"] = cfg.entropy_loss_ratio
     return VQModel(VQConfig(**preset))
-
-
-def _learning_rate(cfg: TokenizerTrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -178,7 +170,7 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     for step, (images, _, _) in enumerate(loader, start=start_step):
         images = images.to(runtime.device, non_blocking=True)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(cfg, step)
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine")
         with autocast_context(cfg.precision, runtime.device):
             out_vq = train_model(images)
         q = out_vq.quant
@@ -216,7 +208,8 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             elapsed = time.perf_counter() - tic
             last |= {"step": step + 1, "loss": float(loss.detach()), "rec_mse": float(mse), "psnr_batch": psnr,
                      "codebook_loss": float(q.codebook_loss.detach()), "commit_loss": float(q.commit_loss.detach()),
-                     "lr": _learning_rate(cfg, step), "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
+                     "lr": learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine"),
+                     "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
             if use_gan:
                 last["d_loss"] = float(d_loss)
             tic = time.perf_counter()
