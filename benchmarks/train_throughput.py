@@ -1,61 +1,98 @@
-"""Training throughput of a transformer stage in fp32 and under bf16 autocast, in one run.
+"""Training throughput of every transformer stage, fp32 and bf16, eager and compiled, in one run.
 
-    python benchmarks/train_throughput.py --model GPT-S --vocab 4096 --batch 64 --steps 10
+    python benchmarks/train_throughput.py                    # the shipped shapes: GPT-S baseline / stage 1, GPT-XS stage 2
+    python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants compiled --steps 20
 
-Prints JSON: tokens/s (median over timed steps, after warm-up) for each precision and the ratio.
-Synthetic tokens: the speed of a step does not depend on the data.
+Times `ctfgen.train.train_step` (the training loop's own step: forward, backward, clip, fused AdamW) on
+models built by `ctfgen.train.build_model`, so the figures are those of `ctfgen train`. Prints JSON: per
+stage, precision and variant the tokens/s (median over timed steps after warm-up), the achieved GFLOP/s
+(6 x matmul weights + 12 x layers x positions x dim per token, as PaLM counts) and that as a fraction of
+the matmul peak of the same precision, measured in the same run (1024 x 1024 matmuls). Synthetic tokens:
+a step's speed does not depend on the data. Run it on a quiet machine: it warns when the load is high.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from ctfgen.models.gpt import GPT, gpt_config
-from ctfgen.precision import autocast_context, cpu_has_fast_bf16
-from ctfgen.train import param_groups
+from ctfgen.bench import matmul_peak_flops
+from ctfgen.precision import cpu_has_fast_bf16
+from ctfgen.train import STAGES, TrainConfig, build_model, param_groups, train_step
+
+PRESETS = {"baseline": "GPT-S", "stage1": "GPT-S", "stage2": "GPT-XS"}  # the shipped Fashion-MNIST pipeline
+VARIANTS = ("eager", "compiled")
 
 
-def tokens_per_second(model: GPT, precision: str, batch: int, steps: int, warmup: int = 2) -> float:
+def flops_per_token(model, block_size: int) -> float:
     cfg = model.config
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * matmul_weights + 12 * cfg.n_layer * block_size * cfg.dim
+
+
+def tokens_per_second(stage: str, preset: str, precision: str, variant: str, data, batch: int, steps: int,
+                      warmup: int) -> tuple[float, float]:
+    cfg = TrainConfig(stage=stage, codes="", out="", model=preset, dropout=0.0, precision=precision,
+                      compile=variant == "compiled")
+    torch.manual_seed(0)
+    model = build_model(cfg, data).train()
+    train_model = torch.compile(model) if cfg.compile else model
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=(0.9, 0.95), fused=True)
     generator = torch.Generator().manual_seed(0)
-    times = []
+    device, times = torch.device("cpu"), []
     for i in range(warmup + steps):
-        tokens = torch.randint(cfg.vocab_size, (batch, cfg.block_size), generator=generator)
-        labels = torch.randint(cfg.num_classes, (batch,), generator=generator)
+        batch_tensors = (torch.randint(data.input_vocab, (batch, data.block_size), generator=generator),
+                         torch.randint(data.num_classes, (batch,), generator=generator),
+                         torch.randint(data.target_vocab, (batch, data.block_size), generator=generator))
         tic = time.perf_counter()
-        with autocast_context(precision, torch.device("cpu")):
-            _, loss = model(tokens, labels, tokens)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(train_model, model, optimizer, [batch_tensors], cfg, device)
         if i >= warmup:
             times.append(time.perf_counter() - tic)
-    return batch * cfg.block_size / statistics.median(times)
+    return batch * data.block_size / statistics.median(times), flops_per_token(model, data.block_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="GPT-S")
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES))
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="eager, compiled (torch.compile)")
+    parser.add_argument("--vocab", type=int, default=4096, help="fine vocabulary V")
+    parser.add_argument("--k", type=int, default=128, help="coarse labels K")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     args = parser.parse_args()
-    result = {"model": args.model, "vocab": args.vocab, "batch": args.batch, "block_size": args.block_size,
-              "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "cpu_has_fast_bf16": cpu_has_fast_bf16()}
-    for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        model = GPT(gpt_config(args.model, vocab_size=args.vocab, block_size=args.block_size, num_classes=10)).train()
-        result[f"{precision}_tokens_per_s"] = round(tokens_per_second(model, precision, args.batch, args.steps))
-    result["bf16_speedup"] = round(result["bf16_tokens_per_s"] / result["fp32_tokens_per_s"], 2)
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f}: other work shares the cores, the figures will be low",
+              file=sys.stderr)
+    peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
+    result = {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "cpu_has_fast_bf16": cpu_has_fast_bf16(), "load_average": round(load, 2), "batch": args.batch,
+              "matmul_peak_gflops": {p: round(f / 1e9, 1) for p, f in peaks.items()}, "stages": {}}
+    for stage in args.stages.split(","):
+        data = SimpleNamespace(block_size=args.block_size, num_classes=10, fine_vocab=args.vocab,
+                               input_vocab=args.vocab if stage == "baseline" else args.k,
+                               target_vocab=args.k if stage == "stage1" else args.vocab)
+        rows = result["stages"][stage] = {"model": PRESETS[stage]}
+        for precision in args.precisions.split(","):
+            for variant in args.variants.split(","):
+                tokens, flops = tokens_per_second(stage, PRESETS[stage], precision, variant, data, args.batch,
+                                                  args.steps, args.warmup)
+                rows[f"{precision}_{variant}"] = {
+                    "tokens_per_s": round(tokens), "gflops": round(tokens * flops / 1e9, 1),
+                    "fraction_of_peak": round(tokens * flops / peaks[precision], 3)}
+                print(stage, precision, variant, rows[f"{precision}_{variant}"], file=sys.stderr)
+        rows["mflop_per_token"] = round(flops / 1e6, 1)
     print(json.dumps(result, indent=2))
 
 

@@ -169,7 +169,8 @@ def test_dead_codes_are_restarted(tmp_path, fake_fmnist):
 
 def test_torchrun_two_processes_match_one(tmp_path, fake_fmnist):
     common = ["tokenizer", "train", "--model", "VQ-tiny", "--data-dir", str(fake_fmnist), "--steps", "3",
-              "--batch-size", "32", "--restart-every", "0", "--warmup-steps", "1", "--log-every", "1", "--no-progress"]
+              "--batch-size", "32", "--restart-every", "0", "--warmup-steps", "1", "--log-every", "1", "--no-progress",
+              "--precision", "fp32"]  # the equivalence is about the math: bf16 autocast (on AVX-512 CPUs) rounds
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "ctfgen.cli", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env)
@@ -185,7 +186,7 @@ def test_torchrun_two_processes_match_one(tmp_path, fake_fmnist):
         # Biases in front of a GroupNorm get ~zero gradients, which Adam turns into steps of
         # rounding noise; those may differ by a small fraction of one lr step (1e-3), weights may not.
         atol = 1e-5 if a[name].dim() > 1 else 2e-4
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     losses = [[json.loads(line)["rec_mse"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert len(losses[0]) == 3

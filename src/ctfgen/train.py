@@ -144,6 +144,27 @@ def attention_kernel(device: torch.device):
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
+def gradient_sync(train_model, last_micro_step: bool):
+    """Under DDP, all-reduce the gradients only on the last micro step of an optimizer step."""
+    return nullcontext() if last_micro_step or not hasattr(train_model, "no_sync") else train_model.no_sync()
+
+
+def train_step(train_model, model, optimizer, micro_batches: list, cfg: TrainConfig, device: torch.device):
+    """One optimizer step over micro-batches of (inputs, labels, targets); returns (mean loss, grad norm).
+    `train_model` is what the forward runs through (compiled, DDP- or FSDP-wrapped), `model` the module."""
+    total_loss = torch.zeros((), device=device)
+    for i, (inputs, labels, targets) in enumerate(micro_batches):
+        with gradient_sync(train_model, last_micro_step=i == len(micro_batches) - 1):
+            with autocast_context(cfg.precision, device), attention_kernel(device):
+                _, loss = train_model(inputs, labels, targets)
+            (loss / len(micro_batches)).backward()
+        total_loss += loss.detach() / len(micro_batches)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, grad_norm
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float):
     """Weight decay on matrices and embeddings, not on norms (as LlamaGen / nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -254,16 +275,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total_loss = torch.zeros((), device=device)
-        for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum)):
-            inputs, labels, targets = (t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
-            with autocast_context(cfg.precision, device), attention_kernel(device):
-                _, loss = train_model(inputs, labels, targets)
-            (loss / cfg.grad_accum).backward()
-            total_loss += loss.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [tuple(t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
+                         for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum))]
+        total_loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, cfg, device)
         if ema is not None:
             with torch.no_grad():
                 for name, value in model.state_dict().items():
