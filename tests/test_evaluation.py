@@ -273,6 +273,20 @@ def test_floor_scores_training_images(tiny_classifier, fake_fmnist, cache, capsy
     assert result["fid"] >= 0 and len(result["per_class"]) == 10
 
 
+def test_reconstruction_scores_the_tokenizers_reconstructions(tiny_classifier, fake_fmnist, cache, tmp_path, capsys):
+    from ctfgen.tokenizer.model import VQ_PRESETS, VQModel
+
+    torch.manual_seed(0)
+    VQModel(VQ_PRESETS["VQ-tiny"]).save_pretrained(tmp_path / "vq")  # untrained: poor reconstructions
+    args = ["--floor-n", "100", "--classifier", str(tiny_classifier), "--data-dir", str(fake_fmnist)]
+    floor = run_eval(capsys, "--floor", *args)
+    recon = run_eval(capsys, "--reconstruction", str(tmp_path / "vq"), *args)
+    assert recon["reconstruction"] is True and recon["n_samples"] == 100
+    assert recon["fid"] > 10 * floor["fid"]  # the real images themselves are the better floor (here ~1000x)
+    assert main(["eval", "--floor", "--reconstruction", str(tmp_path / "vq")]) == 2
+    assert "--floor and --reconstruction" in error_line(capsys)
+
+
 def test_human_readable_output(tiny_classifier, fake_fmnist, fake_samples, cache, capsys):
     assert main(["eval", "--samples", str(fake_samples), "--classifier", str(tiny_classifier),
                  "--data-dir", str(fake_fmnist)]) == 0

@@ -303,10 +303,12 @@ def cmd_eval(args) -> None:
     from .distributed import pick_device
     from .evaluation import EvalOptions, evaluate_floor, evaluate_npz, load_feature_network
 
-    if args.samples is None and not args.floor:
-        raise CtfgenError("give --samples FILE.npz to score a sample file, or --floor for training vs test images")
-    if args.samples is not None and args.floor:
-        raise CtfgenError("--samples and --floor do not go together: --floor scores training images, not a file")
+    chosen = [flag for flag, given in (("--samples", args.samples is not None), ("--floor", args.floor),
+                                       ("--reconstruction", args.reconstruction is not None)) if given]
+    if len(chosen) != 1:
+        raise CtfgenError("give one of --samples FILE.npz (a sample file), --floor (training vs test images) or "
+                          "--reconstruction [TOKENIZER] (the tokenizer's reconstructions of training images)"
+                          + (f"; got {' and '.join(chosen)}" if chosen else ""))
     for name in ("k", "pr_points", "is_splits", "batch_size", "floor_n"):
         if getattr(args, name) < 1:
             raise CtfgenError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -315,14 +317,20 @@ def cmd_eval(args) -> None:
     options = EvalOptions(k=args.k, pr_points=args.pr_points, seed=args.seed, is_splits=args.is_splits,
                           batch_size=args.batch_size, per_class_fid=args.per_class_fid)
     common = dict(data_dir=args.data_dir, cache=args.cache_dir, use_cache=not args.no_cache, options=options)
-    if args.floor:
+    if args.reconstruction:
+        from .tokenizer.model import VQModel
+
+        tokenizer = VQModel.from_pretrained(args.reconstruction, device=pick_device(args.device)).eval()
+        result = evaluate_floor(network, n=args.floor_n, ref=args.ref, tokenizer=tokenizer, **common)
+    elif args.floor:
         result = evaluate_floor(network, n=args.floor_n, ref=args.ref, **common)
     else:
         result = evaluate_npz(args.samples, args.ref, network, **common)
     if args.json:
         _print_json(result)
         return
-    what = "floor (training images)" if args.floor else args.samples
+    what = ("floor (training images)" if args.floor else
+            "reconstructions of training images" if args.reconstruction else args.samples)
 
     def fmt(key, digits=3):
         value = result.get(key)
@@ -546,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "$CTFGEN_INCEPTION_WEIGHTS")
     ev.add_argument("--floor", action="store_true",
                     help="score --floor-n training images against --ref: the best a generator can reach")
+    ev.add_argument("--reconstruction", nargs="?", const=str(pretrained_dir() / "fmnist" / "tokenizer"),
+                    metavar="TOKENIZER", help="score the tokenizer's reconstructions of --floor-n training images "
+                    "(default: the shipped one): the floor of any generator over its tokens")
     ev.add_argument("--floor-n", type=int, default=10_000)
     ev.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
     ev.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import CtfgenError
 from .features import FeatureNetwork, Features, extract_features
@@ -131,19 +132,21 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, ref: str, net
     return result
 
 
-def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str = "fmnist-test", mode: str = "ctf",
-                      batch_size: int = 250, seed: int = 0, options: EvalOptions | None = None, **sampling) -> dict:
-    """Sample `per_class` images of every class from a CTFPipeline (`mode` ctf or baseline, sampling
-    settings as keyword arguments, batch i seeded with seed + i as `ctfgen sample` does) and score them."""
-    labels = np.repeat(np.arange(pipe.num_classes), per_class)
-    pixels = pipe.sample_batches(labels, mode=mode, batch_size=batch_size, seed=seed, **sampling).pixels
-    images = pixels.permute(0, 2, 3, 1).numpy()
-    return evaluate_images(images, labels, ref, network, options=options)
+def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str = "fmnist-test",
+                      batch_size: int = 250, seed: int = 0, options: EvalOptions | None = None, **request) -> dict:
+    """Sample `per_class` images of every class from a CTFPipeline, as `ctfgen sample --per-class` does for
+    the same seed, and score them. `request`: the pipeline call's other arguments (mode, sampling,
+    stage2_sampling, restrict)."""
+    out = pipe(range(pipe.num_classes), per_class=per_class, batch_size=batch_size, seed=seed, output_type="np",
+               progress=True, **request)
+    return evaluate_images(out.images, out.labels, ref, network, options=options)
 
 
 def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmnist-test", data_dir=None, cache=None,
-                   use_cache=True, options: EvalOptions | None = None) -> dict:
-    """Real vs real: `n` training images (a fixed random subset) scored like samples against `ref`."""
+                   use_cache=True, options: EvalOptions | None = None, tokenizer=None) -> dict:
+    """Real vs real: `n` training images (a fixed random subset) scored like samples against `ref`. With a
+    `tokenizer` (a VQModel), the images are first encoded and decoded by it: the floor that any generator over
+    its tokens faces, since it can at best produce the reconstructions of real token grids."""
     options = options or EvalOptions()
     tic = time.perf_counter()
     from ..data import FashionMNIST
@@ -152,7 +155,23 @@ def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmni
     index = np.sort(np.random.default_rng(options.seed).permutation(total)[:min(n, total)])
     images, labels = fmnist_uint8("train", data_dir, index=index)
     result = {"floor": True, "samples": f"fmnist-train ({len(index)} images, seed {options.seed})"}
+    if tokenizer is not None:
+        images = reconstruct_uint8(tokenizer, images, options.batch_size)
+        result |= {"reconstruction": True, "tokenizer_fingerprint": tokenizer.fingerprint}
     result |= evaluate_images(images, labels, ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
-                              options=options, what="training images")
+                              options=options, what="reconstructions" if tokenizer is not None else "training images")
     result["seconds"] = round(time.perf_counter() - tic, 2)
     return result
+
+
+@torch.no_grad()
+def reconstruct_uint8(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> the tokenizer's reconstructions (encode to tokens, decode), same layout."""
+    from ..data import to_uint8
+
+    device = next(tokenizer.parameters()).device
+    out = np.empty_like(images)
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        out[i:i + batch_size] = to_uint8(tokenizer.decode(tokenizer.encode(x.to(device)))).permute(0, 2, 3, 1).cpu()
+    return out
