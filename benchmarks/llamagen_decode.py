@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -69,6 +70,7 @@ from ctfgen.bench import interleaved_seconds
 from ctfgen.models.gpt import GPT, GPTConfig, gpt_config
 from ctfgen.precision import cpu_has_fast_bf16
 from ctfgen.sampling import generate
+from ctfgen.sampling_params import SamplingParams
 
 LLAMAGEN_FILES = ("autoregressive/models/gpt.py", "autoregressive/models/generate.py", "utils/drop_path.py")
 
@@ -162,10 +164,11 @@ def main() -> None:
     config = ours.config
     labels = torch.arange(args.batch) % config.num_classes
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = SamplingParams(cfg_scale=args.cfg_scale, **sampling)
 
     def run_ours(model=ours, **kwargs):
         with torch.inference_mode():
-            return generate(model, labels, cfg_scale=args.cfg_scale, **(sampling | kwargs))
+            return generate(model, labels, dataclasses.replace(params, **kwargs))
 
     def run_theirs(model=theirs, **kwargs):
         with torch.inference_mode():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every shipped Fashion-MNIST artefact from scratch with the project's own commands.
-# Each step is skipped when its output exists; delete an output to redo it. Times are for the
-# 2-core CPU machine this project is developed on.
+# Each step is skipped when its output exists, or replaces its own earlier output (--overwrite); delete an
+# output to redo a skipped step. Times are for the 2-core CPU machine this project is developed on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CTFGEN=${CTFGEN:-.venv/bin/ctfgen}
@@ -24,7 +24,7 @@ $CTFGEN tokenizer eval --tokenizer "$OUT/tokenizer" --split test --json
 
 # 3. The redundancy study (paper Fig. 1b) on 1000 test images.
 $CTFGEN redundancy --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" --n 1000 \
-  --out "$RUNS/redundancy" --json
+  --out "$RUNS/redundancy" --overwrite --json
 cp "$RUNS/redundancy/redundancy.png" "$OUT/redundancy_k128.png"
 
 # 4. Token grids for the transformers: the training and test images (no mirrors: Fashion-MNIST's footwear
@@ -62,7 +62,7 @@ wait
 # 6. The shipped pipeline: tokenizer, map, stage 1, stage 2 and baseline (fp16).
 $CTFGEN assemble --out "$OUT" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
   --stage1 "$RUNS/conv/stage1/snapshots/step_0004690" --stage2 "$RUNS/conv/stage2/snapshots/step_0004690" \
-  --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16
+  --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16 --overwrite
 $PYTHON benchmarks/stage2_accuracy.py --refiner "$OUT/stage2" --map "$OUT/coarse_map_k128.safetensors" \
   --train-codes "$RUNS/codes/train" --test-codes "$RUNS/codes/test"
 
@@ -119,7 +119,8 @@ wait
 for variant in kmeans_k32 kmeans_k512 random_k128; do
   method=${variant%_k*}; k=${variant#*_k}; abl="$RUNS/fmnist/$variant"
   $CTFGEN assemble --out "$abl/pipeline" --tokenizer "$OUT/tokenizer" --map "$RUNS/fmnist/${method}_map_k$k.safetensors" \
-    --stage1 "$abl/stage1/snapshots/step_0000500" --stage2 "$abl/stage2/snapshots/step_0000500" --dtype fp32
+    --stage1 "$abl/stage1/snapshots/step_0000500" --stage2 "$abl/stage2/snapshots/step_0000500" --dtype fp32 \
+    --overwrite
   $CTFGEN sample --pipeline "$abl/pipeline" --per-class 200 --batch 250 --seed 0 --npz "$RUNS/eval/$variant.npz"
   $CTFGEN eval --samples "$RUNS/eval/$variant.npz" --json > "$RUNS/eval/$variant.json"
 done
@@ -131,4 +132,5 @@ $PYTHON scripts/fid_curve.py --runs "$RUNS/conv" --pipeline "$OUT" --per-class 2
 
 # 11. Table 3's sampling sweeps on the shipped CTF pipeline, 2,000 samples per setting.
 $PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 \
-  --settings "cfg_scale=1.5" "cfg_scale=3" "tau1=0.9" "tau2=0.5" "top_k2=3" > "$RUNS/eval/sweep.json"
+  --settings "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
+  > "$RUNS/eval/sweep.json"

@@ -1,31 +1,43 @@
-"""Sampling settings against FID (the paper's Table 3 sweeps of tau1, tau2, CFG scale and stage-2 top-k).
+"""Sampling settings against FID (the paper's Table 3 sweeps of the stage-1 and stage-2 temperatures, CFG
+scale and stage-2 top-k).
 
     python scripts/sampling_sweep.py --pipeline pretrained/fmnist --per-class 200 \
-        --settings "cfg_scale=1.5" "cfg_scale=3" "tau1=0.9" "tau2=0.5" "top_k2=3"
+        --settings "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3"
 
-Each setting (comma-separated key=value pairs of CTFPipeline.__call__ arguments, on top of the defaults
-CFG 2.0, tau1 = tau2 = 1, no top-k) is sampled `--per-class` images per class with the same seeds and
-scored with `ctfgen eval`'s metrics against the test split. Prints one JSON line per setting, then all.
+Each setting (comma-separated key=value pairs: a SamplingParams field for stage 1, the same prefixed with
+`stage2_` for stage 2, `restrict` or `mode`; on top of the pipeline's defaults, CFG 2.0 in stage 1, both
+temperatures 1, no top-k) is sampled `--per-class` images per class with the same seed and scored with
+`ctfgen eval`'s metrics against the test split. Prints one JSON line per setting, then all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
 
-TYPES = {"cfg_scale": float, "tau1": float, "tau2": float, "top_k": int, "top_p": float, "top_k2": int,
-         "cfg_scale2": float, "cfg_interval": int, "restrict": lambda v: v.lower() == "true", "mode": str}
+STAGES = {"": ("sampling", STAGE1_DEFAULTS), "stage2_": ("stage2_sampling", STAGE2_DEFAULTS)}
+KEYS = {prefix + f.name: (prefix, f.name) for prefix in STAGES for f in dataclasses.fields(STAGE1_DEFAULTS)}
+OTHER = {"restrict": lambda v: v.lower() == "true", "mode": str}
 
 
 def parse(setting: str) -> dict:
+    """ "temperature=0.9,stage2_top_k=3" -> the pipeline call's sampling, stage2_sampling (and restrict, mode)."""
     pairs = dict(item.split("=", 1) for item in setting.split(",") if item)
-    unknown = set(pairs) - set(TYPES)
+    unknown = set(pairs) - set(KEYS) - set(OTHER)
     if unknown:
-        raise SystemExit(f"sampling_sweep: error: unknown setting(s) {sorted(unknown)}; use {', '.join(TYPES)}")
-    return {key: TYPES[key](value) for key, value in pairs.items()}
+        raise SystemExit(f"sampling_sweep: error: unknown setting(s) {sorted(unknown)}; "
+                         f"use {', '.join([*KEYS, *OTHER])}")
+    request = {key: OTHER[key](value) for key, value in pairs.items() if key in OTHER}
+    for prefix, (argument, defaults) in STAGES.items():
+        changes = {name: type(getattr(defaults, name))(pairs[key]) for key, (p, name) in KEYS.items()
+                   if p == prefix and key in pairs}
+        request[argument] = dataclasses.replace(defaults, **changes)
+    return request
 
 
 def main() -> None:
@@ -33,7 +45,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default="pretrained/fmnist")
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--batch", type=int, default=250)
-    parser.add_argument("--settings", nargs="+", default=[""], help='e.g. "cfg_scale=3" "tau2=0.5,top_k2=3"')
+    parser.add_argument("--settings", nargs="+", default=[""],
+                        help='e.g. "cfg_scale=3" "stage2_temperature=0.5,stage2_top_k=3"')
     args = parser.parse_args()
     pipe, network = CTFPipeline.from_pretrained(args.pipeline), load_feature_network("fmnist")
     rows = []

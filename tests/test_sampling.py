@@ -2,9 +2,19 @@ import pytest
 import torch
 
 from ctfgen.clustering import cluster_codebook
+from ctfgen.errors import CtfgenError
 from ctfgen.models.gpt import GPT, gpt_config
 from ctfgen.models.refiner import Refiner, refiner_config
-from ctfgen.sampling import filter_logits, generate, generate_uncached, refine, sample_categorical
+from ctfgen.sampling import (
+    filter_logits,
+    generate,
+    generate_uncached,
+    image_uniforms,
+    refine,
+    request_seed,
+    sample_categorical,
+)
+from ctfgen.sampling_params import SamplingParams
 
 
 def random_gpt(vocab=32, block=16, seed=0):
@@ -18,37 +28,68 @@ def random_gpt(vocab=32, block=16, seed=0):
 def test_cached_greedy_decoding_equals_uncached(cfg_scale):
     model = random_gpt()
     labels = torch.tensor([0, 3, 7, 9])
-    cached = generate(model, labels, cfg_scale=cfg_scale, temperature=0)
+    cached = generate(model, labels, SamplingParams(temperature=0, cfg_scale=cfg_scale))
     reference = generate_uncached(model, labels, cfg_scale=cfg_scale)
     assert cached.shape == (4, 16)
     assert torch.equal(cached, reference)
     assert len(torch.unique(cached)) > 3  # not a degenerate constant sequence
 
 
-def test_same_seed_same_tokens_different_seed_different_tokens():
+def test_same_numbers_same_tokens_other_numbers_other_tokens():
     model = random_gpt()
     labels = torch.arange(8) % 10
+    params = SamplingParams(temperature=1.0, top_k=20, cfg_scale=2.0)
 
     def run(seed):
-        return generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=20,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(model, labels, params, uniforms=image_uniforms(seed, 0, 8, 16)[:, 0])
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
 
 
-def test_sample_categorical_follows_the_probabilities_and_never_picks_zeros(monkeypatch):
+def test_each_image_draws_its_own_numbers():
+    """Image i's numbers depend on (seed, i) only: not on where its batch starts or how long it is."""
+    whole = image_uniforms(7, 0, 10, 16)
+    assert whole.shape == (10, 2, 16) and whole.dtype == torch.float64
+    assert torch.equal(torch.cat([image_uniforms(7, 0, 3, 16), image_uniforms(7, 3, 7, 16)]), whole)
+    assert not torch.equal(image_uniforms(8, 0, 10, 16), whole)
+    assert len(torch.unique(whole[:, 0, 0])) == 10  # images do not share numbers
+
+
+def test_request_seed_from_an_int_a_generator_or_none():
+    assert request_seed(5) == 5
+    generator = torch.Generator().manual_seed(0)
+    first, second = request_seed(generator), request_seed(generator)
+    assert first != second  # a reused generator moves on, as in diffusers
+    assert request_seed(torch.Generator().manual_seed(0)) == first
+    for bad in (-1, 1.5, "3", float("nan")):
+        with pytest.raises(CtfgenError, match="seed"):
+            request_seed(bad)
+
+
+def test_callback_sees_the_tokens_so_far():
+    model = random_gpt()
+    labels = torch.tensor([1, 2])
+    seen = []
+    tokens = generate(model, labels, SamplingParams(cfg_scale=2.0), uniforms=torch.rand(2, 16),
+                      callback=lambda step, so_far: seen.append((step, so_far.clone())), callback_steps=5)
+    assert [step for step, _ in seen] == [5, 10, 15, 16]
+    for step, so_far in seen:
+        assert torch.equal(so_far, tokens[:, :step])
+
+
+def test_sample_categorical_follows_the_probabilities_and_never_picks_zeros():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
     n = 50000
-    draws = sample_categorical(probs[:, None].expand(-1, n, -1), torch.Generator().manual_seed(0))
+    uniforms = torch.rand(2, n, generator=torch.Generator().manual_seed(0))
+    draws = sample_categorical(probs[:, None].expand(-1, n, -1), uniforms)
     assert draws.shape == (2, n)
     for row, p in zip(draws, probs):
         freq = torch.bincount(row, minlength=6).float() / n
         assert (freq - p).abs().max() < 0.01
         assert freq[p == 0].sum() == 0
     # u * total rounding up to the total (u = 1 stands in for it) still picks a token with p > 0.
-    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape))
-    assert sample_categorical(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).item() == 1
+    assert sample_categorical(torch.tensor([[0.25, 0.75, 0.0, 0.0]]), torch.ones(1)).item() == 1
 
 
 def test_top_k_and_top_p_filters():
@@ -67,11 +108,10 @@ def test_stage2_samples_stay_in_their_clusters():
     torch.nn.init.normal_(refiner.output.weight, std=1.0)
     coarse = torch.randint(8, (200, 16))
     labels = torch.randint(10, (200,))
-    generator = torch.Generator().manual_seed(0)
-    for kwargs in ({}, {"cfg_scale": 2.0}, {"top_k": 2}, {"temperature": 1.5}):
-        fine = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, generator=generator, **kwargs)
+    for kwargs in ({}, {"cfg_scale": 2.0}, {"top_k": 2}, {"top_p": 0.5}, {"temperature": 1.5}):
+        fine = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, SamplingParams(**kwargs))
         assert torch.equal(coarse_map.coarse_of_fine[fine], coarse)
-    free = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, restrict=False, generator=generator)
+    free = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, restrict=False)
     assert not torch.equal(coarse_map.coarse_of_fine[free], coarse)  # the ablation really lifts the restriction
 
 
@@ -91,13 +131,15 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
         else:
             logits = refiner(coarse, labels)[0]
     masked = logits.masked_fill(coarse_map.coarse_of_fine[None, None] != coarse[..., None], float("-inf"))
-    greedy = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, temperature=0, cfg_scale=cfg_scale)
+    greedy_params = SamplingParams(temperature=0, cfg_scale=cfg_scale)
+    greedy = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, greedy_params)
     assert torch.equal(greedy, masked.argmax(-1))
     # Sampled frequencies at one position follow the masked softmax.
     n = 20000
     probs = masked[0, 0].softmax(-1)
+    uniforms = torch.rand(n, 16, generator=torch.Generator().manual_seed(0))
     one = refine(refiner, coarse[:1].expand(n, -1), labels[:1].expand(n), coarse_map.coarse_of_fine,
-                 cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))[:, 0]
+                 SamplingParams(cfg_scale=cfg_scale), uniforms=uniforms)[:, 0]
     freq = torch.bincount(one, minlength=64).float() / n
     assert (freq - probs).abs().max() < 0.02 and freq[probs == 0].sum() == 0
 
@@ -105,9 +147,28 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
 def test_compiled_decode_step_gives_the_eager_tokens():
     model = random_gpt()
     labels = torch.tensor([0, 3, 7, 9])
-    eager = generate(model, labels, cfg_scale=2.0, temperature=0)
+    greedy = SamplingParams(temperature=0, cfg_scale=2.0)
+    eager = generate(model, labels, greedy)
     model.compile_decode_step()
     assert model.decode_step_compiled
-    compiled = generate(model, labels, cfg_scale=2.0, temperature=0)
+    compiled = generate(model, labels, greedy)
     assert torch.equal(compiled, eager)
-    assert torch.equal(generate(model, labels[:2], cfg_scale=2.0, temperature=0), eager[:2])  # another batch size
+    assert torch.equal(generate(model, labels[:2], greedy), eager[:2])  # another batch size
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": float("nan")}, "temperature must be a finite"),
+    ({"top_k": -1}, "top_k must be at least 0"), ({"top_k": 2.5}, "top_k must be a whole number"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 1.5}, "top_p"),
+    ({"cfg_scale": float("nan")}, "cfg_scale must be a finite"), ({"cfg_scale": 0.5}, "cfg_scale must be >= 1"),
+    ({"cfg_interval": -2}, "cfg_interval must be at least -1"), ({"temperature": "1"}, "temperature"),
+])
+def test_bad_sampling_settings_are_refused(kwargs, message):
+    with pytest.raises(CtfgenError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_settings_are_normalised():
+    params = SamplingParams(top_k=3.0, temperature=1)
+    assert params.top_k == 3 and isinstance(params.top_k, int) and isinstance(params.temperature, float)

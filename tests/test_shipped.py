@@ -1,6 +1,8 @@
 """The shipped Fashion-MNIST pipeline (pretrained/fmnist) loads, its parts agree, and what it draws is
 recognisable: the shipped classifier names the class that was asked for in most samples."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,16 @@ from ctfgen.evaluation import extract_features, load_feature_network
 from ctfgen.pipeline import CTFPipeline
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "fmnist"
+
+# sha256 of the uint8 pixels of 4 images (classes 0..3, seed 0, default settings) of the shipped pipeline, so
+# that no change alters samples silently. After retraining or exporting the shipped weights (or a deliberate
+# change to sampling), regenerate with `OMP_NUM_THREADS=1 .venv/bin/python tests/test_shipped.py` and paste
+# its output here. Float rounding differs between CPU kinds (AVX2 / AVX-512 / AMX) and GPUs; these were
+# made on the 2-core AVX2 development machine in fp32.
+SAMPLE_SHA256 = {
+    "ctf": "7df99f93eaf48fdefccb2348a65f0f9578cb503a324fe5c686a913b09e7c6dd1",
+    "baseline": "44250999c0e9bab7bcaf9194a86205dfb9b95b9c5ba63c417a0ee51472e4c25c",
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +34,11 @@ def classifier():
     return load_feature_network("fmnist", classifier=SHIPPED / "classifier")
 
 
+def sample_checksums(pipe: CTFPipeline) -> dict[str, str]:
+    return {mode: hashlib.sha256(pipe(range(4), mode=mode, seed=0, output_type="np").images.tobytes()).hexdigest()
+            for mode in SAMPLE_SHA256}
+
+
 def test_shipped_parts_agree(pipe):
     assert pipe.num_classes == 10 and pipe.grid == 8 and pipe.coarse_map.k == 128
     assert pipe.class_names[0] == "T-shirt/top" and pipe.class_names[9] == "Ankle boot"
@@ -31,9 +48,17 @@ def test_shipped_parts_agree(pipe):
 @pytest.mark.parametrize("mode", ["ctf", "baseline"])
 def test_shipped_samples_are_recognisable(pipe, classifier, mode):
     labels = np.repeat(np.arange(10), 4)
-    out = pipe(labels.tolist(), mode=mode, seed=0, preview=mode == "ctf")
-    images = out.pixels.permute(0, 2, 3, 1).numpy()
-    accuracy = (extract_features(classifier, images).probs.argmax(1) == labels).mean()
+    out = pipe(range(10), per_class=4, mode=mode, seed=0, preview=mode == "ctf", output_type="np")
+    assert np.array_equal(out.labels, labels)
+    accuracy = (extract_features(classifier, out.images).probs.argmax(1) == labels).mean()
     assert accuracy >= 0.6, accuracy  # ~85% over 10,000 samples (README); chance is 10%
     if mode == "ctf":
-        assert len(out.previews) == len(labels) and not np.array_equal(out.preview_pixels.numpy(), out.pixels.numpy())
+        assert len(out.previews) == len(labels) and not np.array_equal(out.previews, out.images)
+
+
+def test_shipped_samples_are_pinned(pipe):
+    assert sample_checksums(pipe) == SAMPLE_SHA256, "samples changed: if on purpose, regenerate SAMPLE_SHA256"
+
+
+if __name__ == "__main__":
+    print(json.dumps(sample_checksums(CTFPipeline.from_pretrained(SHIPPED)), indent=4))

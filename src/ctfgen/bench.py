@@ -15,7 +15,8 @@ import torch
 
 from .pipeline import CTFPipeline
 from .precision import resolve_precision
-from .sampling import generate, refine
+from .sampling import image_uniforms
+from .sampling_params import STAGE1_DEFAULTS, SamplingParams
 
 
 def interleaved_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -56,37 +57,39 @@ def decode_step_flops(model, rows: int, position: int) -> float:
 
 
 @torch.no_grad()
-def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = 2.0, repeats: int = 3,
-              precision: str = "auto") -> dict:
-    """images/s for each stage and the whole pipeline, CTF and baseline, at one batch size."""
-    precision = resolve_precision(precision, next(pipe.tokenizer.parameters()).device)
+def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFAULTS.cfg_scale, repeats: int = 3,
+              precision: str = "auto", compile: bool = False) -> dict:
+    """images/s for each stage and the whole pipeline, CTF and baseline, at one batch size. The stages are the
+    pipeline's own steps, timed on a copy of it (cast to bf16 where `precision` says so; with its decode step
+    compiled when `compile` is given or the caller's already is): the caller's models are left as they are."""
+    precision = resolve_precision(precision, pipe.device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    for model in (pipe.stage1, pipe.stage2, pipe.baseline):
-        if model is not None:
-            model.to(dtype)  # the tokenizer stays fp32: bf16 convolutions are slow on CPUs without AMX
-    labels = torch.arange(batch) % pipe.num_classes
-    generator = torch.Generator().manual_seed(0)
-    compiled = any(m.decode_step_compiled for m in (pipe.stage1, pipe.baseline) if m is not None)
+    compiled = compile or pipe.decoding_compiled
+    pipe = pipe.copy(dtype)  # the tokenizer is shared and stays fp32: bf16 convolutions are slow on CPUs without AMX
+    if compiled:
+        pipe.compile_decoding()
+    labels = torch.arange(batch, device=pipe.device) % pipe.num_classes
+    sampling = SamplingParams(cfg_scale=cfg_scale)
+    uniforms = image_uniforms(0, 0, batch, pipe.grid ** 2).to(pipe.device)
     result = {"batch": batch, "cfg_scale": cfg_scale, "precision": precision, "threads": torch.get_num_threads(),
               "repeats": repeats, "compiled_decode_step": compiled}
 
-    g = pipe.grid
+    def request(mode: str):
+        return lambda: pipe(labels, mode=mode, sampling=sampling, batch_size=batch, seed=0, output_type="pt")
+
     timed = {}  # name -> one batch of work; all timed together, interleaved
     if pipe.stage1 is not None:
-        coarse = generate(pipe.stage1, labels, cfg_scale=cfg_scale, generator=generator)
-        fine = refine(pipe.stage2, coarse, labels, pipe.coarse_map.coarse_of_fine, generator=generator)
+        coarse = pipe.stage1_tokens(labels, sampling, uniforms[:, 0])
+        fine = pipe.stage2_tokens(coarse, labels, uniforms=uniforms[:, 1])
         timed |= {
-            "ctf": lambda: pipe(labels, cfg_scale=cfg_scale, batch_size=batch, seed=0),
-            "ctf_stage1": lambda: generate(pipe.stage1, labels, cfg_scale=cfg_scale, generator=generator),
-            "ctf_stage2": lambda: refine(pipe.stage2, coarse, labels, pipe.coarse_map.coarse_of_fine,
-                                         generator=generator),
-            "ctf_decode": lambda: pipe.tokenizer.decode(fine.view(-1, g, g)),
+            "ctf": request("ctf"),
+            "ctf_stage1": lambda: pipe.stage1_tokens(labels, sampling, uniforms[:, 0]),
+            "ctf_stage2": lambda: pipe.stage2_tokens(coarse, labels, uniforms=uniforms[:, 1]),
+            "ctf_decode": lambda: pipe.decode(fine),
         }
     if pipe.baseline is not None:
-        timed |= {
-            "baseline": lambda: pipe(labels, mode="baseline", cfg_scale=cfg_scale, batch_size=batch, seed=0),
-            "baseline_gpt": lambda: generate(pipe.baseline, labels, cfg_scale=cfg_scale, generator=generator),
-        }
+        timed |= {"baseline": request("baseline"),
+                  "baseline_gpt": lambda: pipe.baseline_tokens(labels, sampling, uniforms[:, 0])}
     images_per_s = {name: batch / seconds for name, seconds in interleaved_median_seconds(timed, repeats).items()}
     if pipe.stage1 is not None:
         result["ctf"] = {
@@ -114,12 +117,12 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = 2.0, repeat
 def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) -> dict:
     """Time one mid-sequence cached decode step and turn it into achieved FLOP/s."""
     rows = 2 * batch if cfg_scale > 1 else batch
+    device = next(model.parameters()).device
     model.setup_caches(max_batch_size=rows, dtype=dtype)
-    labels = torch.zeros(rows, dtype=torch.long)
-    model.prefill(labels)
+    model.prefill(torch.zeros(rows, dtype=torch.long, device=device))
     position = model.config.block_size // 2
-    token = torch.zeros(rows, dtype=torch.long)
-    input_pos = torch.tensor([position])
+    token = torch.zeros(rows, dtype=torch.long, device=device)
+    input_pos = torch.tensor([position], device=device)
     seconds = median_seconds(lambda: model.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
     model.clear_caches()
     return {"decode_step_ms": seconds * 1e3, "decode_step_flops": decode_step_flops(model, rows, position) / seconds}

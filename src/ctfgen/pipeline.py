@@ -1,4 +1,9 @@
-"""CTFPipeline: class ids in, PIL images out, like a diffusers pipeline.
+"""CTFPipeline: a sampling request in, images and their class labels out, like a diffusers pipeline.
+
+Calling the pipeline is the one way to sample; the CLI, bench and evaluation all go through it. A
+request is checked whole before anything runs, then sampled in batches under one seeding rule (see
+`sampling.py`): image i of a request draws its random numbers from a generator of its own, seeded from
+(seed, i), so the batch size and the rest of the request do not change it.
 
 A pipeline directory holds the parts, each a checkpoint directory of its own, and an index
 (`pipeline.json`, like diffusers' model_index.json) naming where each part lies:
@@ -16,12 +21,12 @@ refused when the pipeline is built.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .checkpoint import write_atomic
 from .clustering import CoarseMap
@@ -29,23 +34,24 @@ from .data import to_uint8
 from .errors import CtfgenError
 from .models.gpt import GPT
 from .models.refiner import Refiner
-from .sampling import generate, refine
+from .request import (
+    PipelineOutput,
+    as_output_type,
+    check_batching,
+    check_callback,
+    check_coarse,
+    check_sampling,
+    check_stage2,
+    class_ids,
+    labels_as,
+)
+from .sampling import generate, image_uniforms, refine, request_seed
+from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
 from .tokenizer.model import VQModel
 
 INDEX_NAME = "pipeline.json"
 PARTS = ("tokenizer", "coarse_map", "stage1", "stage2", "baseline")
-
-
-@dataclass
-class PipelineOutput:
-    images: list[Image.Image]
-    pixels: torch.Tensor  # uint8 [N, 3, H, W]
-    previews: list[Image.Image] | None = None  # decoded from stage 1 alone (cluster-mean codewords)
-    preview_pixels: torch.Tensor | None = None  # uint8 [N, 3, H, W]
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+MODES = ("ctf", "baseline")
 
 
 class CTFPipeline:
@@ -138,7 +144,169 @@ class CTFPipeline:
         write_atomic(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
         return directory
 
+    # -- the request ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.tokenizer.parameters()).device
+
+    def class_ids(self, classes) -> list[int]:
+        """Class ids from one class or a sequence of them, each an id or a name from `class_names`."""
+        return class_ids(classes, self.class_names)
+
+    def _check_mode(self, mode: str, preview: bool) -> None:
+        if mode not in MODES:
+            raise CtfgenError(f"unknown mode {mode!r}; use 'ctf' or 'baseline'")
+        if mode == "baseline" and self.baseline is None:
+            raise CtfgenError("this pipeline has no baseline model; use mode='ctf'")
+        if mode == "ctf" and self.stage1 is None:
+            raise CtfgenError("this pipeline has no CTF stages; use mode='baseline'")
+        if preview and mode != "ctf":
+            raise CtfgenError("preview needs the CTF stages (mode='ctf')")
+
+    def _batches(self, labels: torch.Tensor, batch_size: int, seed: int, progress: bool, desc: str):
+        """(first image, labels [b], uniforms [b, 2, T]) for each batch of a request, on the pipeline's device."""
+        from tqdm import tqdm
+
+        device = self.device
+        starts = range(0, len(labels), batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
+            batch = labels[start:start + batch_size]
+            yield start, batch.to(device), image_uniforms(seed, start, len(batch), self.grid ** 2).to(device)
+
+    @contextmanager
+    def _inference(self):
+        """Eval mode (no class dropout, no dropout) while a request runs; each module's own mode after."""
+        modules = [m for part in (self.tokenizer, self.stage1, self.stage2, self.baseline) if part is not None
+                   for m in part.modules()]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, training in zip(modules, modes):
+                m.training = training
+
     # -- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, classes, *, per_class: int = 1, mode: str = "ctf", sampling: SamplingParams = STAGE1_DEFAULTS,
+                 stage2_sampling: SamplingParams = STAGE2_DEFAULTS, restrict: bool = True,
+                 seed: int | torch.Generator | None = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                 output_type: str = "pil", preview: bool = False, callback=None, callback_steps: int = 1,
+                 progress: bool = False) -> PipelineOutput:
+        """Images of the given classes (ids or names; `per_class` images of each, class after class).
+
+        mode: "ctf" (stage 1, stage 2, decode) or "baseline" (the plain GPT over fine tokens). `sampling`
+        is stage 1's (or the baseline's) settings, `stage2_sampling` stage 2's; `restrict=False` lets
+        stage 2 leave the cluster (an ablation). `seed`: an int, a torch.Generator (one draw of it seeds
+        the request) or None (a draw of torch's global generator). `preview`: also the images decoded from
+        stage 1 alone. `callback(first, step, tokens)` runs every `callback_steps` tokens of the
+        autoregressive stage and after its last, with the tokens so far [b, step] of the batch whose first
+        image is image `first` of the request. `progress`: a progress bar over the batches.
+
+        The whole request is checked before anything runs. Seeding: image i draws its numbers from its
+        own generator seeded from (seed, i), so neither the batch size nor the other images change them.
+        The logits can still differ in the last bits between batch shapes (matmul kernels block them
+        differently), which flips a token where its number falls on the edge between two tokens: in the
+        tests over 99% of tokens agree between batch sizes 1 and 7 in float32, all in float64. The same
+        request with the same batch size on the same device gives the same images."""
+        labels = torch.tensor(self.class_ids(classes)).repeat_interleave(whole_number(per_class, "per_class", 1))
+        self._check_mode(mode, preview)
+        model = self.stage1 if mode == "ctf" else self.baseline
+        check_sampling(sampling, "sampling", model.config.vocab_size)
+        if mode == "ctf":
+            check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
+        batch_size = check_batching(batch_size, output_type)
+        callback_steps = check_callback(callback, callback_steps)
+        seed = request_seed(seed)  # last: a generator is drawn from only for a request that runs
+        fine, coarse, pixels, previews = [], [], [], []
+        with self._inference():
+            for start, batch, uniforms in self._batches(labels, batch_size, seed, progress, f"sample[{mode}]"):
+                on_step = None if callback is None else partial(callback, start)
+                steps = dict(callback=on_step, callback_steps=callback_steps)
+                if mode == "baseline":
+                    fine.append(self.baseline_tokens(batch, sampling, uniforms[:, 0], **steps))
+                else:
+                    coarse.append(self.stage1_tokens(batch, sampling, uniforms[:, 0], **steps))
+                    fine.append(self.stage2_tokens(coarse[-1], batch, stage2_sampling, uniforms[:, 1], restrict))
+                pixels.append(self.decode(fine[-1]))
+                if preview:
+                    previews.append(self.decode_preview(coarse[-1]))
+        return self._output(output_type, labels, fine, coarse, pixels, previews)
+
+    @torch.no_grad()
+    def variations(self, coarse, classes, *, n: int = 1, stage2_sampling: SamplingParams = STAGE2_DEFAULTS,
+                   restrict: bool = True, seed: int | torch.Generator | None = 0,
+                   batch_size: int = DEFAULT_BATCH_SIZE, output_type: str = "pil",
+                   progress: bool = False) -> PipelineOutput:
+        """Re-roll the details: `n` new fine grids for each coarse grid [N, h, w] (e.g. `out.coarse`; from fine
+        tokens, `pipe.coarse_map.coarse_of_fine[tokens]`) with its class, by stage 2 alone. Image j of the
+        result is variation j % n of grid j // n, and draws its stage-2 numbers as image j of a request
+        does, so with n = 1 and the request's seed and batch size it gives that request's images again."""
+        if self.stage2 is None:
+            raise CtfgenError("variations re-run stage 2; this pipeline has no CTF stages")
+        coarse = check_coarse(coarse, self.grid, self.coarse_map.k)
+        labels = torch.tensor(self.class_ids(classes))
+        if len(labels) != len(coarse):
+            raise CtfgenError(f"{len(coarse)} coarse grids but {len(labels)} classes; give one class per grid")
+        n = whole_number(n, "n", minimum=1)
+        coarse, labels = coarse.repeat_interleave(n, 0), labels.repeat_interleave(n)
+        check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
+        batch_size = check_batching(batch_size, output_type)
+        seed = request_seed(seed)
+        fine, pixels = [], []
+        with self._inference():
+            for start, batch, uniforms in self._batches(labels, batch_size, seed, progress, "variations"):
+                grids = coarse[start:start + len(batch)].to(self.device)
+                fine.append(self.stage2_tokens(grids, batch, stage2_sampling, uniforms[:, 1], restrict))
+                pixels.append(self.decode(fine[-1]))
+        return self._output(output_type, labels, fine, [coarse], pixels, [])
+
+    def _output(self, output_type: str, labels, fine, coarse, pixels, previews) -> PipelineOutput:
+        return PipelineOutput(as_output_type(torch.cat(pixels), output_type), labels_as(labels, output_type),
+                              torch.cat(fine).cpu(), torch.cat(coarse).cpu() if coarse else None,
+                              as_output_type(torch.cat(previews), output_type) if previews else None)
+
+    # -- the stage steps of a request: on tensors of the pipeline's device, unchecked ---------------
+
+    @torch.no_grad()
+    def stage1_tokens(self, labels: torch.Tensor, sampling: SamplingParams = STAGE1_DEFAULTS,
+                      uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
+        """Stage 1: coarse grids [B, h, w] for class ids [B], token t of row b picked by uniforms[b, t]."""
+        return generate(self.stage1, labels, sampling, uniforms=uniforms, callback=callback,
+                        callback_steps=callback_steps).view(-1, self.grid, self.grid)
+
+    @torch.no_grad()
+    def stage2_tokens(self, coarse: torch.Tensor, labels: torch.Tensor, sampling: SamplingParams = STAGE2_DEFAULTS,
+                      uniforms: torch.Tensor | None = None, restrict: bool = True) -> torch.Tensor:
+        """Stage 2: fine grids [B, h, w] for coarse grids [B, h, w], in one pass."""
+        fine = refine(self.stage2, coarse.flatten(1), labels, self.coarse_map.coarse_of_fine, sampling,
+                      restrict=restrict, uniforms=uniforms)
+        return fine.view_as(coarse)
+
+    @torch.no_grad()
+    def baseline_tokens(self, labels: torch.Tensor, sampling: SamplingParams = STAGE1_DEFAULTS,
+                        uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
+        """The baseline: fine grids [B, h, w] straight from the plain GPT."""
+        return generate(self.baseline, labels, sampling, uniforms=uniforms, callback=callback,
+                        callback_steps=callback_steps).view(-1, self.grid, self.grid)
+
+    @torch.no_grad()
+    def decode(self, fine: torch.Tensor) -> torch.Tensor:
+        """Fine grids [B, h, w] -> uint8 pixels [B, 3, H, W] on the CPU."""
+        return to_uint8(self.tokenizer.decode(fine)).cpu()
+
+    @torch.no_grad()
+    def decode_preview(self, coarse: torch.Tensor) -> torch.Tensor:
+        """Coarse grids [B, h, w] -> uint8 pixels [B, 3, H, W]: every label decoded as its cluster's mean codeword."""
+        return to_uint8(self.tokenizer.decode_latents(self.cluster_mean_latents(coarse))).cpu()
+
+    def cluster_mean_latents(self, coarse: torch.Tensor) -> torch.Tensor:
+        """Coarse grid [B, h, w] -> latents [B, D, h, w]: each label's normalised mean codeword."""
+        means = F.normalize(self.coarse_map.centroids(self.tokenizer.codebook), dim=-1).to(coarse.device)
+        return means[coarse].permute(0, 3, 1, 2)
 
     def compile_decoding(self) -> CTFPipeline:
         """torch.compile the one-token decode step of stage 1 and the baseline (`GPT.compile_decode_step`).
@@ -148,86 +316,20 @@ class CTFPipeline:
                 model.compile_decode_step()
         return self
 
-    def _check_request(self, labels: torch.Tensor, mode: str, cfg_scale: float, top_k: int, top_k2: int) -> None:
-        if mode not in ("ctf", "baseline"):
-            raise CtfgenError(f"unknown mode {mode!r}; use 'ctf' or 'baseline'")
-        if mode == "baseline" and self.baseline is None:
-            raise CtfgenError("this pipeline has no baseline model")
-        if mode == "ctf" and self.stage1 is None:
-            raise CtfgenError("this pipeline has no CTF stages")
-        if len(labels) == 0:
-            raise CtfgenError("no class labels given")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if len(bad):
-            raise CtfgenError(f"class id {int(bad[0])} is out of range; "
-                              f"this model has classes 0..{self.num_classes - 1}")
-        if cfg_scale < 1.0:
-            raise CtfgenError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-        vocab = (self.stage1 if mode == "ctf" else self.baseline).config.vocab_size
-        if not 0 <= top_k <= vocab:
-            raise CtfgenError(f"top_k must be between 0 (off) and the vocabulary size {vocab}, got {top_k}")
-        if not 0 <= top_k2 <= self.tokenizer.config.codebook_size:
-            raise CtfgenError(f"top_k2 must be between 0 (off) and {self.tokenizer.config.codebook_size}, got {top_k2}")
+    @property
+    def decoding_compiled(self) -> bool:
+        return any(m.decode_step_compiled for m in (self.stage1, self.baseline) if m is not None)
 
-    def cluster_mean_latents(self, coarse: torch.Tensor) -> torch.Tensor:
-        """Coarse grid [B, h, w] -> latents [B, D, h, w]: each label's normalised mean codeword."""
-        means = F.normalize(self.coarse_map.centroids(self.tokenizer.codebook), dim=-1).to(coarse.device)
-        return means[coarse].permute(0, 3, 1, 2)
+    def copy(self, dtype: torch.dtype | None = None) -> CTFPipeline:
+        """A pipeline over new copies of the transformers (cast to `dtype`, eager, in eval mode), sharing the
+        tokenizer and the coarse map: for callers that cast or compile without changing this pipeline."""
+        def clone(model):
+            if model is None:
+                return None
+            with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG be
+                twin = type(model)(model.config)
+            twin.load_state_dict(model.state_dict())
+            return twin.to(device=self.device, dtype=dtype or next(model.parameters()).dtype).eval()
 
-    @torch.no_grad()
-    def sample_tokens(self, labels: torch.Tensor, *, mode: str = "ctf", cfg_scale: float = 2.0,
-                      cfg_interval: int = -1, tau1: float = 1.0, tau2: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, top_k2: int = 0, cfg_scale2: float = 1.0, restrict: bool = True,
-                      generator: torch.Generator | None = None):
-        """Token grids for one batch: (fine [B, h, w], coarse [B, h, w] or None)."""
-        g = self.grid
-        if mode == "baseline":
-            fine = generate(self.baseline, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                            temperature=tau1, top_k=top_k, top_p=top_p, generator=generator)
-            return fine.view(-1, g, g), None
-        coarse = generate(self.stage1, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=tau1,
-                          top_k=top_k, top_p=top_p, generator=generator)
-        fine = refine(self.stage2, coarse, labels, self.coarse_map.coarse_of_fine, temperature=tau2, top_k=top_k2,
-                      cfg_scale=cfg_scale2, restrict=restrict, generator=generator)
-        return fine.view(-1, g, g), coarse.view(-1, g, g)
-
-    def sample_batches(self, class_labels, *, batch_size: int = 64, seed: int = 0, progress: bool = False,
-                       preview: bool = False, **sampling) -> PipelineOutput:
-        """Many images: `__call__` on consecutive batches of `batch_size`, batch i seeded with seed + i, so
-        that a batch's images do not depend on how many batches come before it; with a progress bar."""
-        from tqdm import tqdm
-
-        labels = [int(c) for c in torch.as_tensor(class_labels).flatten()]
-        starts = range(0, len(labels), batch_size)
-        outputs = [self(labels[start:start + batch_size], seed=seed + i, batch_size=batch_size, preview=preview,
-                        **sampling)
-                   for i, start in enumerate(tqdm(starts, desc=f"sample[{sampling.get('mode', 'ctf')}]",
-                                                  unit="batch", disable=None if progress else True))]
-        pixels = torch.cat([out.pixels for out in outputs])
-        previews = torch.cat([out.preview_pixels for out in outputs]) if preview else None
-        return PipelineOutput([image for out in outputs for image in out.images], pixels,
-                              [image for out in outputs for image in out.previews] if preview else None, previews)
-
-    @torch.no_grad()
-    def __call__(self, class_labels, *, mode: str = "ctf", cfg_scale: float = 2.0, cfg_interval: int = -1,
-                 tau1: float = 1.0, tau2: float = 1.0, top_k: int = 0, top_p: float = 1.0, top_k2: int = 0,
-                 cfg_scale2: float = 1.0, restrict: bool = True, seed: int | None = 0, batch_size: int = 64,
-                 preview: bool = False) -> PipelineOutput:
-        """Images for the given class ids. The same seed gives the same images on the same device."""
-        device = next(self.tokenizer.parameters()).device
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten().to(device)
-        self._check_request(labels, mode, cfg_scale, top_k, top_k2)
-        if preview and mode != "ctf":
-            raise CtfgenError("preview needs the CTF stages (mode='ctf')")
-        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        pixels, previews = [], []
-        for batch in labels.split(batch_size):
-            fine, coarse = self.sample_tokens(batch, mode=mode, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                                              tau1=tau1, tau2=tau2, top_k=top_k, top_p=top_p, top_k2=top_k2,
-                                              cfg_scale2=cfg_scale2, restrict=restrict, generator=generator)
-            pixels.append(to_uint8(self.tokenizer.decode(fine)).cpu())
-            if preview:
-                previews.append(to_uint8(self.tokenizer.decode_latents(self.cluster_mean_latents(coarse))).cpu())
-        pixels = torch.cat(pixels)
-        previews = torch.cat(previews) if preview else None
-        return PipelineOutput(to_pil(pixels), pixels, to_pil(previews) if preview else None, previews)
+        return CTFPipeline(self.tokenizer, self.coarse_map, clone(self.stage1), clone(self.stage2),
+                           clone(self.baseline), class_names=self.class_names)

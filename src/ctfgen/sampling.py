@@ -2,16 +2,47 @@
 
 The decode loop reads like gpt-fast's generate.py: prefill the class token into a static cache,
 then one token per step at a fixed shape. Guidance follows LlamaGen: the batch is doubled with the
-null class, and logits = uncond + cfg_scale * (cond - uncond) (only for the first `cfg_interval`
-tokens when that is set).
+null class, and logits = uncond + cfg_scale * (cond - uncond) (only for tokens 0 to `cfg_interval`
+when that is set).
+
+Randomness comes in as uniform numbers, one per token: a token is drawn by inverting the cumulative
+distribution at its number. The seeding rule of a request (`request_seed`, `image_uniforms`): image i
+of a request has its own generator, seeded from (the request's seed, i), which draws n_tokens numbers
+for the autoregressive stage (stage 1 or the baseline) and then n_tokens for stage 2. An image's
+numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .models.gpt import GPT
 from .models.refiner import Refiner
+from .sampling_params import SamplingParams, whole_number
+
+SEED_RANGE = 2**63 - 1  # seeds drawn from a generator lie in [0, SEED_RANGE)
+
+
+def request_seed(seed: int | torch.Generator | None) -> int:
+    """The base seed of a request: an int as it is; from a torch.Generator one draw of it (a generator
+    reused over calls gives new images each call, as in diffusers); None: one draw of torch's global one."""
+    if isinstance(seed, torch.Generator):
+        return int(torch.randint(SEED_RANGE, (1,), generator=seed, device=seed.device))
+    if seed is None:
+        return int(torch.randint(SEED_RANGE, (1,)))
+    return whole_number(seed, "seed", minimum=0)
+
+
+def image_uniforms(seed: int, first: int, count: int, n_tokens: int) -> torch.Tensor:
+    """The numbers of images first .. first + count - 1 of the request with base seed `seed`: float64
+    [count, 2, n_tokens] on the CPU, row [i, 0] for the autoregressive stage and row [i, 1] for stage 2."""
+    rows = []
+    for index in range(first, first + count):
+        image_seed = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(image_seed))
+        rows.append(torch.rand(2, n_tokens, generator=generator, dtype=torch.float64))
+    return torch.stack(rows)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -27,22 +58,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits [..., V]; temperature 0 is greedy."""
-    if temperature == 0:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits [..., V], picked by uniforms [...]; temperature 0 is greedy."""
+    if params.temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return sample_categorical(probs, generator)
+    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
+    return sample_categorical(probs, uniforms)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of probs [..., V] by inverting the cumulative distribution: one uniform number
-    per row. On the CPU this is ~40x faster than torch.multinomial, which draws V exponentials per row
-    (8 ms for 64 x 4096 here, a fifth of a decode step)."""
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs [..., V] by inverting the cumulative distribution at that row's
+    number in uniforms [...] (in [0, 1)). On the CPU this is ~40x faster than torch.multinomial, which
+    draws V exponentials per row (8 ms for 64 x 4096 here, a fifth of a decode step)."""
     cdf = probs.cumsum(-1)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    u = uniforms.to(device=probs.device, dtype=probs.dtype).unsqueeze(-1)
     # u * total may round up to total; keep it below, so the first cdf entry above it is a token with p > 0.
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
@@ -58,24 +88,36 @@ def with_null_class(labels: torch.Tensor, null_class: int) -> torch.Tensor:
     return torch.cat([labels, torch.full_like(labels, null_class)])
 
 
+def fresh_uniforms(shape, device) -> torch.Tensor:
+    """Numbers from torch's global generator, for callers of the stage functions that bring none."""
+    return torch.rand(shape, dtype=torch.float64).to(device)
+
+
 @torch.no_grad()
-def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_interval: int = -1,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample block_size tokens per label with a static KV cache. Returns LongTensor [B, T]."""
+def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = SamplingParams(), *,
+             uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
+    """Sample block_size tokens per label with a static KV cache. Returns LongTensor [B, T].
+
+    uniforms [B, T]: token t of row b is picked by uniforms[b, t] (None: fresh ones). `callback(step,
+    tokens)`, when given, runs after every `callback_steps` tokens and after the last, with the tokens
+    so far [B, step]."""
     b, n_tokens = len(labels), model.config.block_size
-    use_cfg = cfg_scale > 1.0
+    uniforms = fresh_uniforms((b, n_tokens), labels.device) if uniforms is None else uniforms.to(labels.device)
+    use_cfg = params.guided
     rows = 2 * b if use_cfg else b
     model.setup_caches(max_batch_size=rows, device=labels.device)
     tokens = torch.empty(b, n_tokens, dtype=torch.long, device=labels.device)
 
-    def pick(logits: torch.Tensor, t: int) -> torch.Tensor:
+    def pick(logits: torch.Tensor, t: int) -> None:
         if use_cfg:
-            logits = guided(logits, cfg_scale) if cfg_interval < 0 or t <= cfg_interval else logits[:b]
-        return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            in_interval = params.cfg_interval < 0 or t <= params.cfg_interval
+            logits = guided(logits, params.cfg_scale) if in_interval else logits[:b]
+        tokens[:, t] = sample_tokens(logits, params, uniforms[:, t])
+        if callback is not None and ((t + 1) % callback_steps == 0 or t + 1 == n_tokens):
+            callback(t + 1, tokens[:, :t + 1])
 
     cond = with_null_class(labels, model.config.null_class) if use_cfg else labels
-    tokens[:, 0] = pick(model.prefill(cond), 0)
+    pick(model.prefill(cond), 0)
     input_pos = torch.ones(1, dtype=torch.long, device=labels.device)
     # On the CPU each step attends to the filled part of the cache only (the compiled step becomes ~12% faster
     # at batch 64 with CFG); on GPUs to the whole masked cache, so that every shape is fixed (CUDA graphs).
@@ -84,7 +126,7 @@ def generate(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_in
         previous = tokens[:, t - 1]
         logits = model.decode_step(previous.repeat(2) if use_cfg else previous, input_pos,
                                    kv_len=t + 1 if prefix_only else None)
-        tokens[:, t] = pick(logits, t)
+        pick(logits, t)
         input_pos += 1
     model.clear_caches()
     return tokens
@@ -106,31 +148,31 @@ def generate_uncached(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.
 
 
 @torch.no_grad()
-def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_of_fine: torch.Tensor, *,
-           temperature: float = 1.0, top_k: int = 0, cfg_scale: float = 1.0, restrict: bool = True,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stage 2: all fine tokens [B, T] from the coarse grid [B, T] in one forward pass. With
-    `restrict`, each position samples only among the codewords of its cluster."""
-    use_cfg = cfg_scale > 1.0
+def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_of_fine: torch.Tensor,
+           params: SamplingParams = SamplingParams(), *, restrict: bool = True,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 2: all fine tokens [B, T] from the coarse grid [B, T] in one forward pass, the token at
+    position t picked by uniforms[b, t] (None: fresh ones). With `restrict`, each position samples only
+    among the codewords of its cluster (top-k / top-p among those)."""
+    uniforms = fresh_uniforms(coarse.shape, coarse.device) if uniforms is None else uniforms.to(coarse.device)
+    use_cfg = params.guided
     rows = (coarse.repeat(2, 1), with_null_class(labels, refiner.config.null_class)) if use_cfg else (coarse, labels)
     if not restrict:
         logits, _ = refiner(*rows)
-        return sample_tokens(guided(logits, cfg_scale) if use_cfg else logits, temperature=temperature, top_k=top_k,
-                             generator=generator)
+        return sample_tokens(guided(logits, params.cfg_scale) if use_cfg else logits, params, uniforms)
     hidden = refiner.hidden(*rows)
     # The head is linear without bias, so guiding the hidden states guides the logits.
-    hidden = guided(hidden, cfg_scale) if use_cfg else hidden
-    return sample_within_clusters(hidden, coarse, refiner.output.weight, coarse_of_fine.to(coarse.device),
-                                  temperature=temperature, top_k=top_k, generator=generator)
+    hidden = guided(hidden, params.cfg_scale) if use_cfg else hidden
+    return sample_within_clusters(hidden, coarse, refiner.output.weight, coarse_of_fine.to(coarse.device), params,
+                                  uniforms)
 
 
 def sample_within_clusters(hidden: torch.Tensor, coarse: torch.Tensor, head: torch.Tensor, coarse_of_fine: torch.Tensor,
-                           *, temperature: float = 1.0, top_k: int = 0,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fine tokens [B, T]: at each position, sampled from the softmax over its cluster's members of
-    `hidden @ head.T`. Only the members' logits are computed (cluster by cluster), not all V of them:
-    a cluster holds V / K codewords on average."""
-    flat_hidden, flat_coarse = hidden.flatten(0, 1), coarse.flatten()
+                           params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """Fine tokens [B, T]: at each position, sampled (by its number in uniforms [B, T]) from the softmax
+    over its cluster's members of `hidden @ head.T`. Only the members' logits are computed (cluster by
+    cluster), not all V of them: a cluster holds V / K codewords on average."""
+    flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
     members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
     bounds = torch.cumsum(torch.bincount(coarse_of_fine, minlength=int(coarse_of_fine.max()) + 1), 0).tolist()
     order = torch.argsort(flat_coarse, stable=True)  # positions grouped by cluster
@@ -139,5 +181,5 @@ def sample_within_clusters(hidden: torch.Tensor, coarse: torch.Tensor, head: tor
     for cluster, positions in zip(clusters.tolist(), order.split(counts.tolist())):
         ids = members[(bounds[cluster - 1] if cluster else 0):bounds[cluster]]
         logits = (flat_hidden[positions] @ head[ids].T).float()
-        fine[positions] = ids[sample_tokens(logits, temperature=temperature, top_k=top_k, generator=generator)]
+        fine[positions] = ids[sample_tokens(logits, params, flat_uniforms[positions])]
     return fine.view_as(coarse)

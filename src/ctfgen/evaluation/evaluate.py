@@ -109,6 +109,7 @@ def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, c
     """Score the sample file `samples` (ADM layout) against reference `ref`."""
     tic = time.perf_counter()
     batch = read_image_npz(samples, what="samples")
+    network.check_labels(batch.labels, f"samples file {samples}")
     result = {"samples": str(Path(samples))}
     result |= evaluate_images(batch.images, batch.labels, ref, network, data_dir=data_dir, cache=cache,
                               use_cache=use_cache, options=options)
