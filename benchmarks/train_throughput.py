@@ -1,6 +1,6 @@
 """Training throughput of every transformer stage, fp32 and bf16, eager and compiled, in one run.
 
-    python benchmarks/train_throughput.py                    # the shipped shapes: GPT-S baseline / stage 1, GPT-XS stage 2
+    python benchmarks/train_throughput.py   # the shipped shapes: GPT-S baseline and stage 1, GPT-XS stage 2
     python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants compiled --steps 20
 
 Times `ctfgen.train.train_step` (the training loop's own step: forward, backward, clip, fused AdamW) on

@@ -108,8 +108,8 @@ def test_interrupted_extraction_leaves_no_finished_output(tmp_path, fake_fmnist,
     monkeypatch.setattr(tokenizer, "encode", failing_encode)
     with pytest.raises(KeyboardInterrupt):
         extract_codes(tokenizer, dataset, tmp_path / "codes", batch_size=16, progress=False)
-    assert not (tmp_path / "codes").exists()
-    with pytest.raises(CtfgenError, match="interrupted"):
+    assert not (tmp_path / "codes").exists() and not (tmp_path / "codes.partial").exists()
+    with pytest.raises(CtfgenError, match="no extracted codes"):
         CodeDataset(tmp_path / "codes")
     monkeypatch.setattr(tokenizer, "encode", encode)
     assert extract_codes(tokenizer, dataset, tmp_path / "codes", batch_size=16, progress=False)["count"] == 64

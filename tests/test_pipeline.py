@@ -106,10 +106,34 @@ def test_batch_size_does_not_change_the_images_for_a_seed(pipe):
     ([1], {"stage2_sampling": SamplingParams(cfg_interval=3)}, "cfg_interval is for stage 1"),
     ([1], {"mode": "baseline", "preview": True}, "preview"), ([1], {"callback_steps": 0}, "callback_steps"),
     ([1], {"callback": 3}, "callback must be callable"), ([1], {"seed": -1}, "seed"), ([1], {"seed": 0.5}, "seed"),
+    ([1, 2], {"seed": [(0, 0)]}, "one \\(seed, index\\) pair per image"), ([1], {"seed": [5]}, "pair"),
+    ([1], {"seed": [(0, -1)]}, "image index must be at least 0"),
 ])
 def test_bad_requests_are_refused(pipe, classes, kwargs, message):
     with pytest.raises(CtfgenError, match=message):
         pipe(classes, **kwargs)
+
+
+def test_per_image_seeds_merge_requests(pipe):
+    """One call over the images of several requests, each image with its request's (seed, index) pair, gives
+    every request its own images: in float64 exactly, in float32 up to a near-tie flipped by the batch shape."""
+    def merged_and_alone(p):
+        alone = [p([0, 3], seed=4, output_type="pt"), p([7], seed=9, output_type="pt")]
+        merged = p([0, 3, 7], seed=[(4, 0), (4, 1), (9, 0)], output_type="pt")
+        grids = [torch.cat([out.coarse.flatten(1), out.tokens.flatten(1)], 1) for out in (merged, *alone)]
+        return grids[0], torch.cat(grids[1:])
+
+    merged, alone = merged_and_alone(pipe)
+    assert (merged == alone).float().mean() >= 0.99
+    assert torch.equal(*merged_and_alone(pipe.copy(torch.float64)))
+
+
+def test_encode_gives_the_tokens_of_images(pipe):
+    images = pipe([1, 2], seed=0, output_type="pt").images
+    tokens = pipe.encode(images)
+    assert tokens.shape == (2, 8, 8) and torch.equal(tokens, pipe.tokenizer.encode(images.float() / 127.5 - 1))
+    with pytest.raises(CtfgenError, match="uint8 \\[B, 3, 32, 32\\]"):
+        pipe.encode(images[:, :, :28, :28])
 
 
 def test_a_refused_request_leaves_the_generator_alone(pipe):

@@ -131,18 +131,18 @@ def _train(out, data_dir, **overrides):
 def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fmnist, monkeypatch):
     _train(tmp_path / "straight", fake_fmnist)
 
-    learning_rate = train_module._learning_rate
+    learning_rate = train_module.learning_rate
 
-    def interrupt_at_step_1(cfg, step):
+    def interrupt_at_step_1(step, *args):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return learning_rate(cfg, step)
+        return learning_rate(step, *args)
 
-    monkeypatch.setattr(train_module, "_learning_rate", interrupt_at_step_1)
+    monkeypatch.setattr(train_module, "learning_rate", interrupt_at_step_1)
     stopped = _train(tmp_path / "split", fake_fmnist)
     assert stopped["step"] == 2
     assert json.loads((tmp_path / "split/checkpoint/config.json").read_text())["step"] == 2
-    monkeypatch.setattr(train_module, "_learning_rate", learning_rate)
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
     resumed = _train(tmp_path / "split", fake_fmnist, resume=True)
     assert resumed["step"] == 4
 

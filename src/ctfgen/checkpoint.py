@@ -7,7 +7,9 @@ with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -15,13 +17,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CtfgenError
+from .validation import check_destination, config_from_dict
 
 CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors", "train_state.pt"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RESUME_FIX = "resume with the options the run was started with"
+MAX_BUFFER_BYTES = 2**30  # tables a model computes beyond its weights (RoPE): far more means a corrupt config
 
 
 def _umask() -> int:
@@ -39,19 +44,44 @@ def _publish_mode(path, directory: bool) -> None:
             _publish_mode(file, directory=file.is_dir())
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory `tmp` to `final`, replacing what was there."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE), so that a process killed at
+    any moment leaves one of them complete at `b`; False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # not supported by this kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, final: Path, is_ours) -> None:
+    """Move a fully written directory `tmp` to `final`, replacing what was there only when that is empty or
+    `is_ours(final)` (ctfgen's own earlier output): never a user's directory, a symlink or a device."""
+    check_destination(final, directory=True)
+    if not final.exists():
+        tmp.rename(final)
+        return
+    if any(final.iterdir()) and not is_ours(final):
+        raise CtfgenError(f"{final} exists and was not written by ctfgen; it is left as it is: choose another path")
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    final.rename(old)  # over the empty directory just made
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result to `path` only once it is complete."""
+    """Call write(tmp_path) and rename the result to `path` only once it is complete; `path` must be new or a
+    regular file (renaming over a symlink or a device would replace it, not write through it)."""
     path = Path(path)
+    check_destination(path, directory=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -62,6 +92,20 @@ def write_atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_checkpoint(directory, kind: str | None = None) -> bool:
+    """Whether `directory` is a ctfgen checkpoint (of `kind`, when given): a config.json naming its kind."""
+    try:
+        config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("kind"), str) and kind in (None, config["kind"])
+
+
+def is_run_dir(directory) -> bool:
+    """Whether `directory` is the output of a training run (what `--resume` continues): its train_config.json."""
+    return (Path(directory) / "train_config.json").is_file()
 
 
 def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict | None = None,
@@ -79,43 +123,135 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
         _publish_mode(tmp, directory=True)
-        replace_dir(tmp, directory)
+        replace_dir(tmp, directory, is_checkpoint)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def load_config(directory, kind: str) -> dict:
-    """The JSON config of a checkpoint of the given kind, or one clear error."""
+def load_config(directory, kind: str | None) -> dict:
+    """The JSON config of a checkpoint of the given kind (any kind: None), or one clear error."""
     path = Path(directory) / CONFIG_NAME
+    what = f"ctfgen {kind} checkpoint" if kind else "ctfgen checkpoint"
     if not path.is_file():
-        raise CtfgenError(f"{directory} is not a ctfgen {kind} checkpoint (no {CONFIG_NAME}); pass a directory "
-                          f"written by ctfgen")
+        raise CtfgenError(f"{directory} is not a {what} (no {CONFIG_NAME}); pass a directory written by ctfgen")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CtfgenError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-    if config.get("kind") != kind:
-        raise CtfgenError(f"{directory} holds a {config.get('kind')!r} checkpoint, not a {kind!r} one")
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+        raise CtfgenError(f"{path} is not a {what} config (a JSON object with a \"kind\"); the checkpoint is corrupt")
+    if kind is not None and config["kind"] != kind:
+        raise CtfgenError(f"{directory} holds a {config['kind']!r} checkpoint, not a {kind!r} one")
+    if not isinstance(config.get("model"), dict):
+        raise CtfgenError(f"{path} has no \"model\" object (the model's config); the checkpoint is corrupt")
     return config
 
 
-def load_weights(directory) -> dict[str, torch.Tensor]:
+def _weights_path(directory) -> Path:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise CtfgenError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+    return path
+
+
+def load_weights(directory) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint in fp32 (integer tensors as they are); non-finite weights are refused."""
+    path = _weights_path(directory)
     try:
-        return {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
     except (SafetensorError, OSError) as e:
         raise CtfgenError(f"cannot read {path} ({e}); the checkpoint is corrupt") from None
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CtfgenError(f"{path} holds NaN or infinite weights ({names}); the run that wrote it diverged: use an "
+                          f"earlier checkpoint")
+    return weights
+
+
+def check_weight_shapes(model: torch.nn.Module, directory, resuming: bool = False) -> None:
+    """Refuse a checkpoint whose weights file does not hold exactly `model`'s tensors with their shapes, reading
+    the file's header only. With `model` built on the meta device this costs no memory, so a config.json that
+    claims a vocabulary of 10^12 is refused here rather than allocated. `resuming`: `model` is the one a
+    training run built from its options, and the message says so."""
+    path = _weights_path(directory)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CtfgenError(f"cannot read {path} ({e}); the checkpoint is corrupt") from None
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    problems = [f"{name} missing" for name in sorted(expected.keys() - stored.keys())]
+    problems += [f"unexpected {name}" for name in sorted(stored.keys() - expected.keys())]
+    problems += [f"{name} is {list(stored[name])} in the file, {list(shape)} in the model"
+                 for name, shape in sorted(expected.items()) if name in stored and stored[name] != shape]
+    if problems:
+        against, fix = ("this run's model", RESUME_FIX) if resuming else (f"its {CONFIG_NAME}", "it is corrupt")
+        raise CtfgenError(f"{path} does not match {against} ({'; '.join(problems[:2])}"
+                          f"{'; ...' if len(problems) > 2 else ''}); {fix}")
+    extra = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in expected)
+    if extra > MAX_BUFFER_BYTES:
+        raise CtfgenError(f"{Path(directory) / CONFIG_NAME} describes a model whose tables would take "
+                          f"{extra / 2**30:.0f} GiB beyond its weights (block_size too large?); it is corrupt")
+
+
+def _is_rng_state(state) -> bool:
+    cpu = state.get("cpu") if isinstance(state, dict) else None
+    return (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
+            and cpu.shape == torch.get_rng_state().shape)
+
+
+def _train_state_problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return "not a dictionary"
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step {step!r} is not a step number"
+    rng = state.get("rng")
+    if not isinstance(rng, list) or not rng or not all(_is_rng_state(r) for r in rng):
+        return "no valid random-number state"
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        return "no valid optimizer state"
+    return None
 
 
 def load_train_state(directory) -> dict:
+    """The training state saved beside a checkpoint's weights (read weights-only: nothing is unpickled), checked
+    for the entries every training loop reads: step, rng (one per process), optimizer."""
     path = Path(directory) / TRAIN_STATE_NAME
     if not path.is_file():
         raise CtfgenError(f"{directory} has no {TRAIN_STATE_NAME}: it cannot be resumed (exported weights only)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or a pickle that would need code to load
+        raise CtfgenError(f"cannot read {path} as a weights-only PyTorch file ({type(e).__name__}); it is damaged or "
+                          f"not ctfgen's: remove the checkpoint to start afresh") from None
+    problem = _train_state_problem(state)
+    if problem:
+        raise CtfgenError(f"{path} is not a ctfgen training state ({problem}); remove the checkpoint to start afresh")
+    return state
+
+
+def check_optimizer_state(optimizer_state: dict, optimizer: torch.optim.Optimizer, directory) -> None:
+    """Refuse saved optimizer state that does not fit `optimizer`'s parameters, before it is loaded: a mismatch
+    would otherwise surface as a crash at the first step."""
+    where = Path(directory) / TRAIN_STATE_NAME
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    numbers = sorted(p for group in optimizer_state["param_groups"] for p in group["params"])
+    if numbers != list(range(len(shapes))):
+        raise CtfgenError(f"{where} holds optimizer state for {len(numbers)} parameters, this run trains "
+                          f"{len(shapes)}; {RESUME_FIX}")
+    for number, entry in optimizer_state["state"].items():
+        tensors = entry.values() if isinstance(entry, dict) and number in range(len(shapes)) else None
+        if tensors is None or any(isinstance(t, torch.Tensor) and t.dim() and tuple(t.shape) != tuple(shapes[number])
+                                  for t in tensors):
+            raise CtfgenError(f"{where}: the optimizer state of parameter {number} does not fit its shape; "
+                              f"{RESUME_FIX}")
 
 
 def capture_rng() -> dict:
@@ -148,8 +284,11 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, directory, device="cpu"):
         """The model saved in `directory`, in fp32, on `device`, in eval mode."""
-        config = load_config(directory, cls.checkpoint_kind)
-        model = cls(cls.config_class(**config["model"]))
+        config = config_from_dict(cls.config_class, load_config(directory, cls.checkpoint_kind)["model"],
+                                  str(Path(directory) / CONFIG_NAME))
+        with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights file
+            check_weight_shapes(cls(config), directory)
+        model = cls(config)
         try:
             model.load_state_dict(load_weights(directory))
         except RuntimeError as e:

@@ -13,11 +13,18 @@ from pathlib import Path
 
 from .assets import pretrained_dir
 from .errors import CtfgenError
+from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
 from .schedule import LR_SCHEDULES
+from .validation import check_destination, check_options, check_output
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
+
+
+def _show_progress(args) -> bool:
+    """Progress bars only on a terminal: in a log file or a pipe they would bury an error's one line."""
+    return args.progress and sys.stderr.isatty()
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +41,7 @@ def cmd_tokenizer_train(args) -> None:
     from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     cfg = TokenizerTrainConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizerTrainConfig)
-                                  if hasattr(args, f.name)})
+                                  if hasattr(args, f.name)} | {"progress": _show_progress(args)})
     result = train_tokenizer(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result['checkpoint']} (step {result['step']})")
@@ -66,22 +73,23 @@ def cmd_tokenizer_eval(args) -> None:
 
 
 def cmd_tokenizer_reconstruct(args) -> None:
-    from .images import make_grid, save_png
+    from .images import is_ctfgen_png, make_grid, save_png
     from .tokenizer.evaluate import reconstruction_pairs
 
+    check_output(args.out, flag="--out", what="a PNG written by ctfgen", is_ours=is_ctfgen_png,
+                 overwrite=args.overwrite, directory=False)
     model, dataset = _load_tokenizer_and_data(args, args.split)
     pairs = reconstruction_pairs(model, dataset, args.n)
-    print(f"wrote {save_png(make_grid(pairs, ncol=2 * args.columns), args.out)} "
+    print(f"wrote {save_png(make_grid(pairs, ncol=2 * min(args.columns, args.n)), args.out)} "
           f"(original | reconstruction pairs)")
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import CONFIG_NAME, load_weights, save_checkpoint
+    from .checkpoint import is_checkpoint, load_config, load_weights, save_checkpoint
 
-    config = json.loads((Path(args.checkpoint) / CONFIG_NAME).read_text()) \
-        if (Path(args.checkpoint) / CONFIG_NAME).is_file() else None
-    if config is None:
-        raise CtfgenError(f"{args.checkpoint} is not a ctfgen checkpoint (no {CONFIG_NAME})")
+    check_output(args.out, flag="output directory", what="a ctfgen checkpoint", is_ours=is_checkpoint,
+                 overwrite=args.overwrite)
+    config = load_config(args.checkpoint, kind=None)
     config.pop("train", None)
     config["exported_from"] = {"step": config.pop("step", None), "dtype": args.dtype}
     save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype)
@@ -93,7 +101,8 @@ def cmd_export(args) -> None:
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+                      | {"progress": _show_progress(args)})
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         extra = "".join(f", {k} {result[k]:.4f}" for k in ("loss", "eval_loss", "eval_acc") if k in result)
@@ -102,21 +111,20 @@ def cmd_train(args) -> None:
 
 # --- sampling -----------------------------------------------------------------------------
 
-def _sampling_kwargs(args) -> dict:
-    return dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, tau1=args.tau1, tau2=args.tau2,
-                top_k=args.top_k, top_p=args.top_p, top_k2=args.top_k2, cfg_scale2=args.cfg_scale2,
-                restrict=not args.unrestricted)
+def _sampling_params(args, prefix: str, what: str):
+    """One stage's SamplingParams from its flags (--temperature ... or --stage2-temperature ...)."""
+    values = {f.name: getattr(args, prefix + f.name) for f in fields(SamplingParams) if hasattr(args, prefix + f.name)}
+    try:
+        return SamplingParams(**values)
+    except CtfgenError as e:
+        raise CtfgenError(f"{what}: {e}") from None
 
 
-def _class_list(args, num_classes: int) -> list[int]:
-    if args.classes:
-        try:
-            return [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise CtfgenError(f"--classes takes comma-separated class ids, e.g. 0,3,7; got {args.classes!r}") from None
-    if args.per_class < 1:
-        raise CtfgenError(f"--per-class must be at least 1, got {args.per_class}")
-    return [c for c in range(num_classes) for _ in range(args.per_class)]
+def _request(args) -> dict:
+    """The pipeline call's settings of `ctfgen sample` and `ctfgen demo` (one function: same flags, same images)."""
+    return dict(mode="baseline" if args.baseline else "ctf", sampling=_sampling_params(args, "", "stage-1 settings"),
+                stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),
+                restrict=not args.unrestricted, seed=args.seed, batch_size=args.batch)
 
 
 def cmd_sample(args) -> None:
@@ -127,38 +135,37 @@ def cmd_sample(args) -> None:
     from .images import make_grid, save_png
     from .pipeline import CTFPipeline
 
-    pipe = CTFPipeline.from_pretrained(args.pipeline)
-    classes = _class_list(args, pipe.num_classes)
-    if args.compile:
-        pipe.compile_decoding()
-    mode = "baseline" if args.baseline else "ctf"
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
-    result = pipe.sample_batches(classes, mode=mode, batch_size=args.batch, seed=args.seed, progress=True,
-                                 preview=bool(args.preview_grid), **_sampling_kwargs(args))
-    pixels = result.pixels
-    labels = np.asarray(classes, dtype=np.int64)
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    if args.compile:
+        pipe.compile_decoding()
+    classes, per_class = (args.classes.split(","), 1) if args.classes is not None else \
+        (range(pipe.num_classes), args.per_class)
+    out = pipe(classes, per_class=per_class, output_type="pt", preview=bool(args.preview_grid), progress=True,
+               **_request(args))
+    pixels, labels = out.images, out.labels.tolist()
     if args.npz:
         arr = pixels.permute(0, 2, 3, 1).numpy()
 
         def write_npz(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, arr_0=arr, labels=labels)
+                np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
 
         write_atomic(Path(args.npz), write_npz)
         print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels")
-    ncol = args.per_class if not args.classes else min(len(classes), 16)
+    ncol = per_class if args.classes is None else min(len(labels), 16)
     if args.grid:
         print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
     if args.preview_grid:
-        pairs = torch.stack([result.preview_pixels, pixels], dim=1).flatten(0, 1)
+        pairs = torch.stack([out.previews, pixels], dim=1).flatten(0, 1)
         print(f"wrote {save_png(make_grid(pairs, ncol=2 * ncol), args.preview_grid)}: (stage-1 preview | final) pairs")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(zip(pixels, classes)):
-            save_png(make_grid(image[None], ncol=1, pad=0), out / f"{i:06d}_class{label}.png")
-        print(f"wrote {len(classes)} PNGs to {out}")
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(pixels, labels)):
+            save_png(make_grid(image[None], ncol=1, pad=0), out_dir / f"{i:06d}_class{label}.png")
+        print(f"wrote {len(labels)} PNGs to {out_dir}")
 
 
 def cmd_bench(args) -> None:
@@ -170,10 +177,8 @@ def cmd_bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = CTFPipeline.from_pretrained(args.pipeline)
-    if args.compile:
-        pipe.compile_decoding()
     result = benchmark(pipe, batch=args.batch, cfg_scale=args.cfg_scale, repeats=args.repeats,
-                       precision=args.precision)
+                       precision=args.precision, compile=args.compile)
     if args.json:
         _print_json(result)
     else:
@@ -185,9 +190,11 @@ def cmd_bench(args) -> None:
 # --- coarse labels --------------------------------------------------------------------------
 
 def cmd_cluster(args) -> None:
-    from .clustering import cluster_codebook
+    from .clustering import CoarseMap, cluster_codebook
     from .tokenizer.model import VQModel
 
+    check_output(args.out, flag="--out", what="a ctfgen coarse map", is_ours=CoarseMap.is_coarse_map,
+                 overwrite=args.overwrite, directory=False)
     tic = time.perf_counter()
     codebook = VQModel.from_pretrained(args.tokenizer).codebook_weights
     coarse_map = cluster_codebook(codebook, args.k, method=args.method, seed=args.seed, n_init=args.n_init)
@@ -204,11 +211,12 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    from .codes import extract_codes
+    from .codes import extract_codes, is_codes_dir
     from .data import load_dataset
     from .distributed import launched
     from .tokenizer.model import VQModel
 
+    check_output(args.out, flag="--out", what="extracted codes", is_ours=is_codes_dir, overwrite=args.overwrite)
     with launched(args.device) as runtime:
         tokenizer = VQModel.from_pretrained(args.tokenizer, device=runtime.device)
         dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, image_size=args.image_size)
@@ -223,17 +231,18 @@ def cmd_extract(args) -> None:
 
 
 def cmd_redundancy(args) -> None:
+    from .checkpoint import write_atomic
     from .clustering import CoarseMap
     from .images import make_grid, save_png
     from .redundancy import redundancy_study
 
+    out = check_output(args.out, flag="--out", what="a redundancy study", overwrite=args.overwrite,
+                       is_ours=lambda path: (path / "redundancy.json").is_file())
     model, dataset = _load_tokenizer_and_data(args, args.split)
     coarse_map = CoarseMap.load(args.map)
     figures, grid = redundancy_study(model, coarse_map, dataset, args.n, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(grid, ncol=4), out / "redundancy.png")
-    (out / "redundancy.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_atomic(out / "redundancy.json", lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2) + "\n"))
     figures["grid"] = str(out / "redundancy.png")
     if args.json:
         _print_json(figures)
@@ -249,17 +258,78 @@ def cmd_demo(args) -> None:
     from .images import add_row_labels, make_grid, save_png
     from .pipeline import CTFPipeline
 
-    if args.per_class < 1:
-        raise CtfgenError(f"--per-class must be at least 1, got {args.per_class}")
     tic = time.perf_counter()
     pipe = CTFPipeline.from_pretrained(args.pipeline)
-    mode = "baseline" if args.baseline else "ctf"
-    labels = [c for c in range(pipe.num_classes) for _ in range(args.per_class)]
-    pixels = pipe(labels, mode=mode, cfg_scale=args.cfg_scale, seed=args.seed).pixels
+    request = _request(args)
+    pixels = pipe(range(pipe.num_classes), per_class=args.per_class, output_type="pt", **request).images
     grid = add_row_labels(make_grid(pixels, ncol=args.per_class), pipe.class_names, row_height=pixels.shape[-2])
     path = save_png(grid, args.out)
-    print(f"wrote {path}: {args.per_class} {'CTF' if mode == 'ctf' else 'baseline'} samples for each of the "
-          f"{pipe.num_classes} classes (a row per class, CFG {args.cfg_scale}) in {time.perf_counter() - tic:.1f}s")
+    print(f"wrote {path}: {args.per_class} {'CTF' if request['mode'] == 'ctf' else 'baseline'} samples for each of "
+          f"the {pipe.num_classes} classes (a row per class, CFG {request['sampling'].cfg_scale}) in "
+          f"{time.perf_counter() - tic:.1f}s")
+
+
+# --- re-roll, web demo -----------------------------------------------------------------------
+
+def cmd_reroll(args) -> None:
+    import numpy as np
+    import torch
+
+    from .checkpoint import write_atomic
+    from .images import make_grid, save_png
+    from .pipeline import CTFPipeline
+    from .reroll import coarse_of_images, image_size, read_image, reroll_grid
+
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    classes = args.classes.split(",")
+    if len(classes) not in (1, len(args.images)):
+        raise CtfgenError(f"{len(classes)} classes for {len(args.images)} images; give one class for all, or one "
+                          f"per image")
+    pixels = torch.stack([read_image(path, image_size(pipe)) for path in args.images])
+    coarse = coarse_of_images(pipe, pixels)
+    out = pipe.variations(coarse, classes * (len(args.images) // len(classes)), n=args.n,
+                          stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),
+                          seed=args.seed, batch_size=args.batch, output_type="pt")
+    if args.grid:
+        grid = reroll_grid(pixels, pipe.decode_preview(coarse), out.images)
+        print(f"wrote {save_png(grid, args.grid)}: a row per image (the image | its coarse labels | variations)")
+    if args.npz:
+        arrays = dict(arr_0=out.images.permute(0, 2, 3, 1).numpy(), labels=out.labels.numpy(),
+                      tokens=out.tokens.numpy(), coarse=out.coarse.numpy())
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        write_atomic(Path(args.npz), write_npz)
+        print(f"wrote {args.npz}: arr_0 {arrays['arr_0'].shape} uint8, labels, tokens, coarse")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(out.images):
+            save_png(make_grid(image[None], ncol=1, pad=0), out_dir / f"{j // args.n:04d}_variation{j % args.n}.png")
+        print(f"wrote {len(out.images)} PNGs to {out_dir}")
+
+
+def cmd_serve(args) -> None:
+    from .serve.actions import Limits
+    from .serve.app import serve
+
+    serve(args.pipeline, host=args.host, port=args.port,
+          limits=Limits(max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch))
+
+
+def _check_part_paths(pipe, out: Path) -> None:
+    """Refuse to assemble into a directory where a part's path holds something ctfgen did not write."""
+    from .checkpoint import is_checkpoint
+    from .clustering import CoarseMap
+
+    for name, relative in pipe.part_paths().items():
+        path, is_map = out / relative, name == "coarse_map"
+        check_destination(path, directory=not is_map)
+        if path.exists() and not (CoarseMap.is_coarse_map(path) if is_map else is_checkpoint(path)):
+            raise CtfgenError(f"{path} is in the way of the pipeline's {name} and was not written by ctfgen; it is "
+                              f"left as it is: choose another --out")
 
 
 def cmd_assemble(args) -> None:
@@ -267,9 +337,11 @@ def cmd_assemble(args) -> None:
     from .data import FMNIST_CLASSES
     from .models.gpt import GPT
     from .models.refiner import Refiner
-    from .pipeline import CTFPipeline
+    from .pipeline import INDEX_NAME, CTFPipeline
     from .tokenizer.model import VQModel
 
+    out = check_output(args.out, flag="--out", what="a ctfgen pipeline", overwrite=args.overwrite,
+                       is_ours=lambda path: (path / INDEX_NAME).is_file())
     ctf = [args.map, args.stage1, args.stage2]
     if any(ctf) and not all(ctf):
         raise CtfgenError("CTF needs all of --map, --stage1 and --stage2")
@@ -293,7 +365,8 @@ def cmd_assemble(args) -> None:
             provenance[name] = {"from": str(source), "step": step}
         elif source:
             provenance[name] = {"from": str(source)}
-    pipe.save_pretrained(args.out, dtype=None if args.dtype == "fp32" else args.dtype, provenance=provenance)
+    _check_part_paths(pipe, out)
+    pipe.save_pretrained(out, dtype=None if args.dtype == "fp32" else args.dtype, provenance=provenance)
     print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
 
 
@@ -309,9 +382,6 @@ def cmd_eval(args) -> None:
         raise CtfgenError("give one of --samples FILE.npz (a sample file), --floor (training vs test images) or "
                           "--reconstruction [TOKENIZER] (the tokenizer's reconstructions of training images)"
                           + (f"; got {' and '.join(chosen)}" if chosen else ""))
-    for name in ("k", "pr_points", "is_splits", "batch_size", "floor_n"):
-        if getattr(args, name) < 1:
-            raise CtfgenError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     network = load_feature_network(args.features, classifier=args.classifier, inception_weights=args.inception_weights,
                                    device=pick_device(args.device))
     options = EvalOptions(k=args.k, pr_points=args.pr_points, seed=args.seed, is_splits=args.is_splits,
@@ -349,8 +419,11 @@ def cmd_eval(args) -> None:
 def cmd_eval_train_classifier(args) -> None:
     import torch
 
-    from .evaluation.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifier
+    from .checkpoint import is_checkpoint
+    from .evaluation.classifier import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig, train_classifier
 
+    check_output(args.out, flag="--out", what="a feature classifier", overwrite=args.overwrite,
+                 is_ours=lambda path: is_checkpoint(path, CHECKPOINT_KIND))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -359,7 +432,8 @@ def cmd_eval_train_classifier(args) -> None:
         raise CtfgenError(f"--channels takes comma-separated widths, e.g. 32,64,128; got {args.channels!r}") from None
     model = ClassifierConfig(channels=channels, hidden=args.hidden, pool_grid=args.pool_grid, dropout=args.dropout)
     cfg = ClassifierTrainConfig(model=model, **{f.name: getattr(args, f.name) for f in fields(ClassifierTrainConfig)
-                                                if hasattr(args, f.name) and f.name != "model"})
+                                                if hasattr(args, f.name) and f.name not in ("model", "progress")},
+                                progress=_show_progress(args))
     result = train_classifier(cfg, command=" ".join(["ctfgen", *map(shlex.quote, args.argv)]))
     if args.json:
         _print_json(result)
@@ -370,17 +444,49 @@ def cmd_eval_train_classifier(args) -> None:
 
 # --- parser -----------------------------------------------------------------------------------
 
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `_request`: which model, seed, batch, and each stage's SamplingParams fields."""
+    p.add_argument("--baseline", action="store_true", help="sample the plain autoregressive baseline instead of CTF")
+    p.add_argument("--seed", type=int, default=0, help="image i of the request draws from a generator seeded "
+                   "from (seed, i): the batch size does not change the images")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, help="images per batch (default %(default)s)")
+    _add_sampling_args(p, "", STAGE1_DEFAULTS, "stage 1 (or the baseline)")
+    _add_sampling_args(p, "stage2-", STAGE2_DEFAULTS, "stage 2")
+    p.add_argument("--unrestricted", action="store_true", help="ablation: stage 2 may leave the cluster")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, prefix: str, defaults: SamplingParams, stage: str) -> None:
+    """One stage's SamplingParams fields as flags (--temperature ..., or --stage2-temperature ...)."""
+    for f in fields(SamplingParams):
+        if prefix and f.name == "cfg_interval":
+            continue  # stage 2 predicts every token at once
+        default = getattr(defaults, f.name)
+        p.add_argument(f"--{prefix}{f.name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{stage}: {f.metadata['help']} (default %(default)s)")
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace the output when it holds {what}; anything "
+                   "else is never replaced")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other error (`--help` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"ctfgen: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctfgen", description="Coarse-to-fine autoregressive image generation")
+    parser = _Parser(prog="ctfgen", description="Coarse-to-fine autoregressive image generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate a grid of every class with the bundled pipeline (writes a PNG)")
+    demo = sub.add_parser("demo", help="generate a grid of every class with the bundled pipeline (writes a PNG); "
+                                       "the same images as `ctfgen sample --per-class N` with the same settings")
     demo.add_argument("--out", default="demo.png")
     demo.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
     demo.add_argument("--per-class", type=int, default=10)
-    demo.add_argument("--cfg-scale", type=float, default=2.0)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--baseline", action="store_true", help="the plain autoregressive baseline instead of CTF")
+    _add_request_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     asm = sub.add_parser("assemble", help="gather trained parts into a pipeline directory (CTFPipeline format)")
@@ -392,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     asm.add_argument("--baseline", help="baseline checkpoint directory")
     asm.add_argument("--class-names", help="'fmnist' or comma-separated names, in class-id order")
     asm.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp16")
+    _add_overwrite_arg(asm, "a pipeline written by ctfgen (its parts and pipeline.json; other files stay)")
     asm.set_defaults(func=cmd_assemble)
 
     tok = sub.add_parser("tokenizer", help="train and evaluate the VQ tokenizer").add_subparsers(
@@ -432,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--out", default="reconstructions.png")
     recon.add_argument("--n", type=int, default=32)
     recon.add_argument("--columns", type=int, default=8, help="pairs per row")
+    _add_overwrite_arg(recon, "a PNG written by ctfgen")
 
     tr = sub.add_parser("train", help="train the baseline GPT, the stage-1 GPT or the stage-2 refiner")
     tr.add_argument("--stage", required=True, choices=["baseline", "stage1", "stage2"])
@@ -466,23 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images from a pipeline (PNGs, a grid, an ADM-style .npz)")
     sample.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
     which = sample.add_mutually_exclusive_group(required=True)
-    which.add_argument("--classes", help="comma-separated class ids, e.g. 0,3,7")
+    which.add_argument("--classes", help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag")
     which.add_argument("--per-class", type=int, help="N images of every class")
     sample.add_argument("--out", help="directory for one PNG per image")
     sample.add_argument("--grid", help="one PNG grid of all images")
     sample.add_argument("--preview-grid", help="a PNG grid of (stage-1 preview | final image) pairs (CTF only)")
     sample.add_argument("--npz", help="ADM evaluator layout: arr_0 uint8 [N,H,W,3] and labels")
-    sample.add_argument("--baseline", action="store_true", help="sample the plain GPT instead of CTF")
-    sample.add_argument("--batch", type=int, default=64)
-    sample.add_argument("--seed", type=int, default=0)
-    for name, kind, default, text in [
-            ("cfg-scale", float, 2.0, "classifier-free guidance (1 = off)"),
-            ("cfg-interval", int, -1, "guide only the first N tokens (-1 = all)"),
-            ("tau1", float, 1.0, "stage-1 (or baseline) temperature"), ("tau2", float, 1.0, "stage-2 temperature"),
-            ("top-k", int, 0, "stage-1 top-k (0 = off)"), ("top-p", float, 1.0, "stage-1 top-p"),
-            ("top-k2", int, 0, "stage-2 top-k (0 = off)"), ("cfg-scale2", float, 1.0, "stage-2 guidance")]:
-        sample.add_argument(f"--{name}", type=kind, default=default, help=text)
-    sample.add_argument("--unrestricted", action="store_true", help="ablation: stage 2 may leave the cluster")
+    _add_request_args(sample)
     sample.add_argument("--compile", action="store_true",
                         help="torch.compile the stage-1/baseline decode step (~20 s once; pays off over many batches)")
     sample.set_defaults(func=cmd_sample)
@@ -490,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")
     bench.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
     bench.add_argument("--batch", type=int, default=64)
-    bench.add_argument("--cfg-scale", type=float, default=2.0)
+    bench.add_argument("--cfg-scale", type=float, default=STAGE1_DEFAULTS.cfg_scale, help="stage-1 guidance")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -498,6 +596,34 @@ def build_parser() -> argparse.ArgumentParser:
                        "run pays the compile time)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    reroll = sub.add_parser("reroll", help="re-roll the details of images: keep their coarse labels (tokenized by "
+                                           "the pipeline's tokenizer), sample stage 2 again")
+    reroll.add_argument("images", nargs="+", help="PNG/JPEG images of the tokenizer's size (32x32; 28x28 is padded)")
+    reroll.add_argument("--class", dest="classes", required=True,
+                        help="the class of the images (id or name), or one per image, comma-separated")
+    reroll.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
+    reroll.add_argument("--n", type=int, default=4, help="variations of each image (default %(default)s)")
+    reroll.add_argument("--seed", type=int, default=0, help="variation j draws from a generator seeded from (seed, j)")
+    reroll.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, help="images per batch (default %(default)s)")
+    _add_sampling_args(reroll, "stage2-", STAGE2_DEFAULTS, "stage 2")
+    reroll.add_argument("--grid", help="a PNG grid: a row per image (the image | its coarse labels | variations)")
+    reroll.add_argument("--npz", help="the variations: arr_0 uint8 [N,H,W,3], labels, tokens and coarse [N,h,w]")
+    reroll.add_argument("--out", help="directory for one PNG per variation")
+    reroll.set_defaults(func=cmd_reroll)
+
+    serve = sub.add_parser("serve", help="the web demo: a Gradio page (offline, loopback by default) that streams "
+                                         "the stage-1 preview and re-rolls details; needs ctfgen[web]")
+    serve.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this "
+                       "machine only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--max-images", type=int, default=16, help="images one request may ask for")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests that may wait at once; more are told "
+                       "the server is busy")
+    serve.add_argument("--max-batch", type=int, default=64, help="images in one sampler call, over all the "
+                       "requests that share it")
+    serve.set_defaults(func=cmd_serve)
 
     cluster = sub.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
     cluster.add_argument("--tokenizer", default=str(pretrained_dir() / "fmnist" / "tokenizer"))
@@ -507,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--n-init", type=int, default=4, help="k-means restarts; the best is kept")
     cluster.add_argument("--out", required=True, help="output .safetensors file")
     cluster.add_argument("--json", action="store_true")
+    _add_overwrite_arg(cluster, "a coarse map written by ctfgen")
     cluster.set_defaults(func=cmd_cluster)
 
     extract = sub.add_parser("extract", help="encode a dataset to token grids on disk (torchrun shards it)")
@@ -519,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int, default=500)
     extract.add_argument("--num-workers", type=int, default=0)
     extract.add_argument("--device", default="auto")
+    _add_overwrite_arg(extract, "codes extracted before")
     extract.set_defaults(func=cmd_extract)
 
     redundancy = sub.add_parser("redundancy", help="swap tokens within clusters and measure the damage")
@@ -531,12 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
     redundancy.add_argument("--out", required=True, help="directory for redundancy.png and redundancy.json")
     redundancy.add_argument("--device", default="auto")
     redundancy.add_argument("--json", action="store_true")
+    _add_overwrite_arg(redundancy, "an earlier study's redundancy.png and redundancy.json")
     redundancy.set_defaults(func=cmd_redundancy)
 
     export = sub.add_parser("export", help="copy a checkpoint's weights without training state, cast to fp16/bf16")
     export.add_argument("checkpoint")
     export.add_argument("out")
     export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    _add_overwrite_arg(export, "a checkpoint written by ctfgen")
     export.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="FID, sFID, IS and precision/recall of a sample .npz; train the feature "
@@ -590,17 +720,27 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     tc.add_argument("--no-progress", dest="progress", action="store_false")
     tc.add_argument("--json", action="store_true")
+    _add_overwrite_arg(tc, "a classifier written by ctfgen")
     tc.set_defaults(func=cmd_eval_train_classifier)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
+        return e.code
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command not in ("sample", "demo", "bench"):  # those validate their request in the sampling API
+            check_options(args)
         args.func(args)
     except CtfgenError as e:
         print(f"ctfgen: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission denied mid-way: the system's reason, with the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"ctfgen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctfgen: interrupted", file=sys.stderr)

@@ -20,8 +20,11 @@ from safetensors.torch import save_file
 from .checkpoint import write_atomic
 from .errors import CtfgenError
 from .tokenizer.model import codebook_fingerprint
+from .validation import MAX_VOCAB
 
 METHODS = ("kmeans", "random")
+FORMAT = "ctfgen-coarse-map-v1"
+INTEGER_DTYPES = ("U8", "I8", "U16", "I16", "U32", "I32", "I64")  # safetensors' names
 
 
 def _sq_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -94,6 +97,22 @@ class CoarseMap:
     inertia: float  # sum of squared distances of normalised codewords to their cluster mean
     fingerprint: str  # of the codebook the map was made from
 
+    def __post_init__(self):
+        """Every fine token in one of K non-empty clusters: a map breaking this would index out of range or
+        leave stage 2 a cluster with no member to pick."""
+        c = self.coarse_of_fine
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.long or c.dim() != 1 or len(c) == 0:
+            raise CtfgenError("coarse_of_fine must be a non-empty 1-D LongTensor of cluster ids")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= len(c):
+            raise CtfgenError(f"k {self.k!r} must be a whole number of clusters between 1 and the {len(c)} codes")
+        if int(c.min()) < 0 or int(c.max()) >= self.k:
+            raise CtfgenError(f"cluster ids must lie in [0, k = {self.k}), found {int(c.min())}..{int(c.max())}")
+        empty = int((self.cluster_sizes() == 0).sum())
+        if empty:
+            raise CtfgenError(f"clusters without a member: {empty} of the {self.k}")
+        if self.method not in METHODS:
+            raise CtfgenError(f"unknown clustering method {self.method!r}; the map must be one of {', '.join(METHODS)}")
+
     @property
     def vocab_size(self) -> int:
         return len(self.coarse_of_fine)
@@ -128,26 +147,51 @@ class CoarseMap:
         path = Path(path)
         metadata = {"k": str(self.k), "method": self.method, "seed": str(self.seed), "inertia": repr(self.inertia),
                     "fingerprint": self.fingerprint, "vocab_size": str(self.vocab_size),
-                    "cluster_sizes": json.dumps(self.size_stats()), "format": "ctfgen-coarse-map-v1"}
+                    "cluster_sizes": json.dumps(self.size_stats()), "format": FORMAT}
         tensors = {"coarse_of_fine": self.coarse_of_fine.to(torch.int32).contiguous()}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
     @classmethod
     def load(cls, path) -> CoarseMap:
+        """A map saved by `save`, checked before it is used: its format tag, metadata and values."""
         path = Path(path)
         if not path.is_file():
             raise CtfgenError(f"coarse map {path} does not exist; make one with `ctfgen cluster`")
+        fix = "make a new one with `ctfgen cluster`"
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or "coarse_of_fine" not in f.keys():
+                    raise CtfgenError(f"{path} is not a ctfgen coarse map (no format tag or no coarse_of_fine); {fix}")
+                stored = f.get_slice("coarse_of_fine")
+                shape, dtype = stored.get_shape(), stored.get_dtype()
+                if len(shape) != 1 or not 1 <= shape[0] <= MAX_VOCAB or dtype not in INTEGER_DTYPES:
+                    raise CtfgenError(f"{path}: coarse_of_fine is {dtype} {shape}, not integer cluster ids [V]; {fix}")
                 coarse = f.get_tensor("coarse_of_fine").long()
-        except (SafetensorError, OSError, KeyError) as e:
-            raise CtfgenError(f"{path} is not a ctfgen coarse map ({e})") from None
-        if meta.get("format") != "ctfgen-coarse-map-v1":
-            raise CtfgenError(f"{path} is not a ctfgen coarse map (no format tag); make one with `ctfgen cluster`")
-        return cls(coarse, int(meta["k"]), meta["method"], int(meta["seed"]), float(meta["inertia"]),
-                   meta["fingerprint"])
+        except (SafetensorError, OSError) as e:
+            raise CtfgenError(f"{path} is not a ctfgen coarse map ({e}); {fix}") from None
+        try:
+            fields = {"k": int(meta["k"]), "method": meta["method"], "seed": int(meta["seed"]),
+                      "inertia": float(meta["inertia"]), "fingerprint": meta["fingerprint"]}
+            vocab_size = int(meta["vocab_size"])
+        except (KeyError, ValueError) as e:
+            raise CtfgenError(f"{path}: missing or malformed metadata ({type(e).__name__}: {e}); {fix}") from None
+        if vocab_size != len(coarse):
+            raise CtfgenError(f"{path}: its metadata says {vocab_size} codes, it maps {len(coarse)}; {fix}")
+        try:
+            return cls(coarse, **fields)
+        except CtfgenError as e:
+            raise CtfgenError(f"{path}: {e}; {fix}") from None
+
+    @staticmethod
+    def is_coarse_map(path) -> bool:
+        """Whether `path` is a coarse map written by ctfgen (its format tag), read from the header alone."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == FORMAT
+        except (SafetensorError, OSError):
+            return False
 
 
 def inertia_of(codebook: torch.Tensor, coarse_of_fine: torch.Tensor, k: int) -> float:
@@ -168,6 +212,8 @@ def cluster_codebook(codebook: torch.Tensor, k: int, method: str = "kmeans", see
         raise CtfgenError(f"unknown clustering method {method!r}; use one of {', '.join(METHODS)}")
     if not 1 <= k <= v:
         raise CtfgenError(f"--k must be between 1 and the codebook size {v}, got {k}")
+    if n_init < 1:
+        raise CtfgenError(f"--n-init must be at least 1, got {n_init}")
     if method == "kmeans":
         labels, _, _ = kmeans(F.normalize(codebook.float(), dim=-1), k, n_init=n_init, seed=seed)
     else:

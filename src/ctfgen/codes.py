@@ -6,7 +6,8 @@ Layout of an extraction directory:
     labels.<rank>.npy        int64 [n]
 Views are the image itself, its mirror with --flip, and ten crops (x2 with --flip) with --ten-crop.
 Everything is written under `<out>.partial/` and renamed when complete, so an interrupted run
-leaves no output that looks finished; a re-run starts that directory afresh.
+leaves no output that looks finished; an error removes it, and a re-run after a kill starts it afresh.
+Reading checks the manifest and every shard (shape, dtype, tokens and labels in range) once, up front.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from .data import FashionMNIST, ImageFolder, center_crop, to_model_range
 from .distributed import Runtime, barrier
 from .errors import CtfgenError
 from .tokenizer.model import VQModel
+from .validation import MAX_CLASSES, MAX_TOKENS, MAX_VOCAB, Whole, check_destination, check_output
 
 MANIFEST = "manifest.json"
+FORMAT = "ctfgen-codes-v1"
+PARTIAL_MARK = ".ctfgen-partial"  # in <out>.partial: a directory this module made, which a re-run may remove
+MANIFEST_RULES = {"codebook_size": Whole(1, MAX_VOCAB), "views": Whole(1, 1024), "count": Whole(1)}
+SCAN_ROWS = 1 << 16  # range checks read the shards this many items at a time
 
 
 class ViewDataset(Dataset):
@@ -69,19 +75,61 @@ class ViewDataset(Dataset):
         return views, label
 
 
+def is_codes_dir(directory) -> bool:
+    """Whether `directory` holds codes written by `extract_codes` (a manifest with the format tag)."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fresh_partial(out: Path) -> Path:
+    """An empty `<out>.partial/` marked as ours; one left by a killed extraction is removed, anything else refused."""
+    partial = out.with_name(out.name + ".partial")
+    check_destination(partial, directory=True)
+    if partial.exists():
+        if not (partial / PARTIAL_MARK).exists():
+            raise CtfgenError(f"{partial} exists and was not left by `ctfgen extract`; move it away first")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARK).touch()
+    return partial
+
+
 def extract_codes(tokenizer: VQModel, dataset, out, *, flip: bool = False, ten_crop: bool = False,
                   batch_size: int = 256, num_workers: int = 0, runtime: Runtime = Runtime(),
                   extra_manifest: dict | None = None, progress: bool = True) -> dict:
-    """Encode every image (and its views) of `dataset` and write the grids under `out`."""
+    """Encode every image (and its views) of `dataset` and write the grids under `out`, replacing codes extracted
+    there before (never anything else). Nothing is left under `<out>.partial/` when this raises."""
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if runtime.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier(runtime)
+    if batch_size < 1:
+        raise CtfgenError(f"--batch-size must be at least 1, got {batch_size}")
+    check_output(out, flag="--out", what="extracted codes", is_ours=is_codes_dir, overwrite=True)
     if isinstance(dataset, FashionMNIST) and dataset.flip:
         raise CtfgenError("extract from the un-augmented dataset; --flip adds the mirrored views")
     views = ViewDataset(dataset, flip=flip, ten_crop=ten_crop)
+    partial = out.with_name(out.name + ".partial")
+    if runtime.is_main:
+        _fresh_partial(out)
+    barrier(runtime)
+    try:
+        manifest = _extract(tokenizer, views, partial, batch_size, num_workers, runtime, progress)
+        manifest |= {"flip": flip, "ten_crop": ten_crop, **(extra_manifest or {})}
+        if runtime.is_main:
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (partial / PARTIAL_MARK).unlink()
+            replace_dir(partial, out, is_codes_dir)
+    except BaseException:
+        if runtime.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    barrier(runtime)
+    return manifest
+
+
+def _extract(tokenizer: VQModel, views: ViewDataset, partial: Path, batch_size: int, num_workers: int,
+             runtime: Runtime, progress: bool) -> dict:
+    """Write this process's shard of grids and labels under `partial`; returns the manifest (without options)."""
     shard = Subset(views, range(runtime.rank, len(views), runtime.world_size))
     device = next(tokenizer.parameters()).device
     cfg = tokenizer.config
@@ -96,8 +144,9 @@ def extract_codes(tokenizer: VQModel, dataset, out, *, flip: bool = False, ten_c
                                                   torch.tensor([label for _, label in items])))
     pos = 0
     with torch.no_grad():
+        # disable=None: no bar when stderr is not a terminal, so that an error stays one line there.
         for batch, batch_labels in tqdm(loader, desc=f"extract[{runtime.rank}]", unit="batch",
-                                        disable=not (progress and runtime.is_main), dynamic_ncols=True):
+                                        disable=None if progress and runtime.is_main else True, dynamic_ncols=True):
             n = len(batch)
             grid = tokenizer.encode(batch.flatten(0, 1).to(device)).view(n, views.n_views, h, w)
             codes[pos:pos + n] = grid.cpu().numpy().astype(dtype)
@@ -107,19 +156,42 @@ def extract_codes(tokenizer: VQModel, dataset, out, *, flip: bool = False, ten_c
     del codes
     np.save(partial / f"labels.{runtime.rank}.npy", labels)
     barrier(runtime)
-    manifest = {
-        "format": "ctfgen-codes-v1", "tokenizer_fingerprint": tokenizer.fingerprint,
+    return {
+        "format": FORMAT, "tokenizer_fingerprint": tokenizer.fingerprint,
         "codebook_size": cfg.codebook_size, "grid": [h, w], "image_size": list(sample.shape[-2:]),
-        "views": views.n_views, "flip": flip, "ten_crop": ten_crop, "count": len(views),
+        "views": views.n_views, "count": len(views),
         "shards": [{"codes": f"codes.{r}.npy", "labels": f"labels.{r}.npy",
                     "count": len(range(r, len(views), runtime.world_size))} for r in range(runtime.world_size)],
-        **(extra_manifest or {}),
     }
-    if runtime.is_main:
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(partial, out)
-    barrier(runtime)
-    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"no {FORMAT!r} format tag"
+    for key, rule in MANIFEST_RULES.items():
+        if problem := rule.problem(manifest.get(key)):
+            return f"{key} {problem}, got {manifest.get(key)!r}"
+    grid = manifest.get("grid")
+    if not (isinstance(grid, list) and len(grid) == 2 and not any(Whole(1).problem(g) for g in grid)
+            and grid[0] * grid[1] <= MAX_TOKENS):
+        return f"grid {grid!r} is not [h, w] with h x w at most {MAX_TOKENS} tokens"
+    if not isinstance(manifest.get("tokenizer_fingerprint"), str):
+        return "no tokenizer fingerprint"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards or not all(_is_shard(s) for s in shards):
+        return "shards must be a list of {codes, labels, count} with file names inside the directory"
+    if sum(s["count"] for s in shards) != manifest["count"]:
+        return f"the shards hold {sum(s['count'] for s in shards)} items, the manifest says {manifest['count']}"
+    return None
+
+
+def _is_file_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _is_shard(shard) -> bool:
+    return (isinstance(shard, dict) and _is_file_name(shard.get("codes")) and _is_file_name(shard.get("labels"))
+            and Whole(0).problem(shard.get("count")) is None)
 
 
 def read_manifest(directory) -> dict:
@@ -127,10 +199,36 @@ def read_manifest(directory) -> dict:
     if not path.is_file():
         hint = " (an extraction was interrupted: run it again)" if Path(str(directory) + ".partial").exists() else ""
         raise CtfgenError(f"{directory} holds no extracted codes (no {MANIFEST}){hint}; run `ctfgen extract`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "ctfgen-codes-v1":
-        raise CtfgenError(f"{path} is not a ctfgen codes manifest")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CtfgenError(f"{path} is not valid JSON ({e}); extract the codes again") from None
+    if problem := _manifest_problem(manifest):
+        raise CtfgenError(f"{path} is not a valid ctfgen codes manifest ({problem}); extract the codes again")
     return manifest
+
+
+def _open_npy(path: Path, shape: tuple, dtypes: tuple) -> np.ndarray:
+    """A memory map of the .npy file `path`, refused unless it has this shape and one of these dtypes: its header
+    is read first, so a damaged or hostile file costs no allocation."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CtfgenError(f"cannot read {path} ({e}); the codes are damaged: extract them again") from None
+    if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype not in dtypes:
+        found = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise CtfgenError(f"{path} holds {found}, the manifest says {' or '.join(map(str, dtypes))} {list(shape)}; "
+                          f"extract the codes again")
+    return array
+
+
+def _check_range(array: np.ndarray, high: int, path: Path, what: str) -> None:
+    """Refuse values outside [0, high), reading the file a slice at a time."""
+    for start in range(0, len(array), SCAN_ROWS):
+        part = np.asarray(array[start:start + SCAN_ROWS])
+        if part.size and (int(part.min()) < 0 or int(part.max()) >= high):
+            raise CtfgenError(f"{path} holds {what} outside [0, {high}) (found {int(part.min())}..{int(part.max())}); "
+                              f"the codes are damaged or from another tokenizer: extract them again")
 
 
 class CodeDataset(Dataset):
@@ -141,14 +239,22 @@ class CodeDataset(Dataset):
 
     def __init__(self, directory, coarse_map: CoarseMap | None = None):
         directory = Path(directory)
-        self.manifest = read_manifest(directory)
-        self.codes = [np.load(directory / s["codes"], mmap_mode="r") for s in self.manifest["shards"]]
-        self.labels = torch.from_numpy(np.concatenate([np.load(directory / s["labels"])
-                                                       for s in self.manifest["shards"]]))
+        self.manifest = m = read_manifest(directory)
+        self.codes, labels = [], []
+        for shard in m["shards"]:
+            codes = _open_npy(directory / shard["codes"], (shard["count"], m["views"], *m["grid"]),
+                              (np.dtype(np.uint16), np.dtype(np.int32)))
+            _check_range(codes, m["codebook_size"], directory / shard["codes"], "tokens")
+            shard_labels = _open_npy(directory / shard["labels"], (shard["count"],), (np.dtype(np.int64),))
+            _check_range(shard_labels, MAX_CLASSES, directory / shard["labels"], "class labels")
+            self.codes.append(codes)
+            labels.append(np.asarray(shard_labels))
+        self.labels = torch.from_numpy(np.concatenate(labels))
         self.offsets = np.cumsum([0] + [len(c) for c in self.codes])
-        if coarse_map is not None and coarse_map.fingerprint != self.manifest["tokenizer_fingerprint"]:
+        if coarse_map is not None and (coarse_map.fingerprint != m["tokenizer_fingerprint"]
+                                       or coarse_map.vocab_size != m["codebook_size"]):
             raise CtfgenError(f"the coarse map was made for another tokenizer than the codes in {directory} "
-                              f"(map {coarse_map.fingerprint}, codes {self.manifest['tokenizer_fingerprint']})")
+                              f"(map {coarse_map.fingerprint}, codes {m['tokenizer_fingerprint']})")
         self.coarse_map = coarse_map
 
     def __len__(self) -> int:

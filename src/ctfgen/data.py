@@ -7,9 +7,11 @@ same tokenizer and models serve grey and RGB data alike.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FMNIST_PAD = 2  # 28 -> 32: the original image is the centre crop [2:30, 2:30]
+FMNIST_SIDE = 28
+MAX_IDX_ITEMS = 10**8  # Fashion-MNIST's largest file holds 4.7e7 pixels; a header claiming more is not it
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
@@ -47,25 +51,32 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
+def read_idx(path: Path, max_items: int = MAX_IDX_ITEMS) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape. The header's shape
+    bounds what is read, so a gzip bomb is never inflated past it; shapes beyond `max_items` are refused."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+                raise CtfgenError(f"{path} is not an IDX file of unsigned bytes; reinstall the dataset")
+            ndim = magic[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise CtfgenError(f"{path} is truncated (a {4 + len(dims)}-byte header for {ndim} dimensions); "
+                                  f"reinstall the dataset")
+            shape = struct.unpack(f">{ndim}I", dims)
+            size = math.prod(shape)
+            if size > max_items:
+                raise CtfgenError(f"{path} declares shape {shape}: {size} values, more than the {max_items} a dataset "
+                                  f"file may hold here; it is not Fashion-MNIST")
+            raw = f.read(size + 1)  # one byte more than the shape needs tells a longer file
+    except (OSError, EOFError, zlib.error) as e:
         raise CtfgenError(f"cannot read {path}: {e}; reinstall the dataset") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise CtfgenError(f"{path} is not an IDX file of unsigned bytes; reinstall the dataset")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise CtfgenError(f"{path} is truncated (a {len(raw)}-byte header for {ndim} dimensions); "
-                          f"reinstall the dataset")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise CtfgenError(f"{path} has the wrong size ({data.size} bytes for shape {shape}); reinstall the dataset")
-    return data.reshape(shape)
+    if len(raw) != size:
+        what = "truncated" if len(raw) < size else "longer than its shape"
+        raise CtfgenError(f"{path} is {what} ({len(raw)} bytes for shape {shape}); reinstall the dataset")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -90,8 +101,14 @@ class FashionMNIST(Dataset):
         root = fmnist_dir(data_dir)
         image_file, label_file = (_find_idx(root, stem) for stem in FMNIST_FILES[split])
         images, labels = read_idx(image_file), read_idx(label_file)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        if images.ndim != 3 or images.shape[1:] != (FMNIST_SIDE, FMNIST_SIDE) or len(images) == 0:
+            raise CtfgenError(f"{image_file} holds images of shape {images.shape}, not [N, 28, 28]; reinstall the "
+                              f"dataset")
+        if labels.ndim != 1 or len(images) != len(labels):
             raise CtfgenError(f"{image_file} and {label_file} do not match; reinstall the dataset")
+        if labels.max() >= len(FMNIST_CLASSES):
+            raise CtfgenError(f"{label_file} holds label {labels.max()}; Fashion-MNIST has classes 0 to "
+                              f"{len(FMNIST_CLASSES) - 1}: reinstall the dataset")
         self.pixels = torch.from_numpy(images.copy())  # uint8 [N, 28, 28]
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.flip = flip

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import CtfgenError
+
 
 @dataclass
 class Runtime:
@@ -28,7 +30,13 @@ class Runtime:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CtfgenError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise CtfgenError(f"--device {name}: not available on this machine; use auto or cpu")
+    return device
 
 
 def init_runtime(device: str = "auto") -> Runtime:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from .checkpoint import write_atomic
+
+PNG_TAG = ("Software", "ctfgen")
 
 
 def make_grid(pixels: torch.Tensor, ncol: int, pad: int = 2, fill: int = 255) -> Image.Image:
@@ -36,6 +38,18 @@ def add_row_labels(grid: Image.Image, labels: list[str], row_height: int, pad: i
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically, tagged as ctfgen's (so that a later run can tell it from a user's file)."""
     path = Path(path)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*PNG_TAG)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return path
+
+
+def is_ctfgen_png(path) -> bool:
+    """Whether `path` is a PNG that `save_png` wrote."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(PNG_TAG[0]) == PNG_TAG[1]
+    except (OSError, ValueError):
+        return False

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .checkpoint import write_atomic
 from .clustering import CoarseMap
-from .data import to_uint8
+from .data import to_model_range, to_uint8
 from .errors import CtfgenError
 from .models.gpt import GPT
 from .models.refiner import Refiner
@@ -45,7 +45,7 @@ from .request import (
     class_ids,
     labels_as,
 )
-from .sampling import generate, image_uniforms, refine, request_seed
+from .sampling import generate, image_seeds, refine, seeded_uniforms
 from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
 from .tokenizer.model import VQModel
 
@@ -164,15 +164,17 @@ class CTFPipeline:
         if preview and mode != "ctf":
             raise CtfgenError("preview needs the CTF stages (mode='ctf')")
 
-    def _batches(self, labels: torch.Tensor, batch_size: int, seed: int, progress: bool, desc: str):
-        """(first image, labels [b], uniforms [b, 2, T]) for each batch of a request, on the pipeline's device."""
+    def _batches(self, labels: torch.Tensor, batch_size: int, seeds: list[tuple[int, int]], progress: bool,
+                 desc: str):
+        """(first image, labels [b], uniforms [b, 2, T]) for each batch of a request, on the pipeline's device;
+        image i's numbers from its (seed, index) pair seeds[i]."""
         from tqdm import tqdm
 
         device = self.device
         starts = range(0, len(labels), batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
             batch = labels[start:start + batch_size]
-            yield start, batch.to(device), image_uniforms(seed, start, len(batch), self.grid ** 2).to(device)
+            yield start, batch.to(device), seeded_uniforms(seeds[start:start + len(batch)], self.grid ** 2).to(device)
 
     @contextmanager
     def _inference(self):
@@ -201,7 +203,9 @@ class CTFPipeline:
         mode: "ctf" (stage 1, stage 2, decode) or "baseline" (the plain GPT over fine tokens). `sampling`
         is stage 1's (or the baseline's) settings, `stage2_sampling` stage 2's; `restrict=False` lets
         stage 2 leave the cluster (an ablation). `seed`: an int, a torch.Generator (one draw of it seeds
-        the request) or None (a draw of torch's global generator). `preview`: also the images decoded from
+        the request), None (a draw of torch's global generator), or one (seed, index) pair per image: image
+        `index` of the request with that seed, whatever else is in this call (how a server merges the
+        requests of several users into one call). `preview`: also the images decoded from
         stage 1 alone. `callback(first, step, tokens)` runs every `callback_steps` tokens of the
         autoregressive stage and after its last, with the tokens so far [b, step] of the batch whose first
         image is image `first` of the request. `progress`: a progress bar over the batches.
@@ -220,10 +224,10 @@ class CTFPipeline:
             check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
         batch_size = check_batching(batch_size, output_type)
         callback_steps = check_callback(callback, callback_steps)
-        seed = request_seed(seed)  # last: a generator is drawn from only for a request that runs
+        seeds = image_seeds(seed, len(labels))  # last: a generator is drawn from only for a request that runs
         fine, coarse, pixels, previews = [], [], [], []
         with self._inference():
-            for start, batch, uniforms in self._batches(labels, batch_size, seed, progress, f"sample[{mode}]"):
+            for start, batch, uniforms in self._batches(labels, batch_size, seeds, progress, f"sample[{mode}]"):
                 on_step = None if callback is None else partial(callback, start)
                 steps = dict(callback=on_step, callback_steps=callback_steps)
                 if mode == "baseline":
@@ -255,10 +259,10 @@ class CTFPipeline:
         coarse, labels = coarse.repeat_interleave(n, 0), labels.repeat_interleave(n)
         check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
         batch_size = check_batching(batch_size, output_type)
-        seed = request_seed(seed)
+        seeds = image_seeds(seed, len(labels))
         fine, pixels = [], []
         with self._inference():
-            for start, batch, uniforms in self._batches(labels, batch_size, seed, progress, "variations"):
+            for start, batch, uniforms in self._batches(labels, batch_size, seeds, progress, "variations"):
                 grids = coarse[start:start + len(batch)].to(self.device)
                 fine.append(self.stage2_tokens(grids, batch, stage2_sampling, uniforms[:, 1], restrict))
                 pixels.append(self.decode(fine[-1]))
@@ -292,6 +296,17 @@ class CTFPipeline:
         """The baseline: fine grids [B, h, w] straight from the plain GPT."""
         return generate(self.baseline, labels, sampling, uniforms=uniforms, callback=callback,
                         callback_steps=callback_steps).view(-1, self.grid, self.grid)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [B, 3, H, W] -> fine grids [B, h, w] on the CPU: the tokens of given images, whose coarse
+        labels (`coarse_map.coarse_of_fine[tokens]`) `variations` can re-roll."""
+        size = self.grid * self.tokenizer.config.downsample
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
+            raise CtfgenError(f"images to encode must be uint8 [B, 3, {size}, {size}], got {pixels.dtype} "
+                              f"{list(pixels.shape)}")
+        with self._inference():
+            return self.tokenizer.encode(to_model_range(pixels).to(self.device)).cpu()
 
     @torch.no_grad()
     def decode(self, fine: torch.Tensor) -> torch.Tensor:

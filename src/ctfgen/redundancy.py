@@ -7,6 +7,7 @@ import torch
 
 from .clustering import CoarseMap, cluster_codebook
 from .data import FashionMNIST, crop_original, to_uint8
+from .errors import CtfgenError
 from .image_metrics import psnr_per_image, ssim_per_image
 from .tokenizer.model import VQModel
 
@@ -35,6 +36,8 @@ def redundancy_study(tokenizer: VQModel, coarse_map: CoarseMap, dataset, n: int,
                      batch_size: int = 250, grid_rows: int = 8):
     """PSNR / SSIM of cluster-swapped decodes against the plain reconstruction, for the given map
     and for a random map with the same K. Returns (figures, uint8 grid images [rows*4, 3, H, W])."""
+    if n < 1:
+        raise CtfgenError(f"--n must be at least 1, got {n}")
     coarse_map.check_fingerprint(tokenizer.fingerprint, tokenizer.config.codebook_size)
     random_map = cluster_codebook(tokenizer.codebook_weights, coarse_map.k, method="random", seed=seed)
     maps = {"kmeans" if coarse_map.method == "kmeans" else coarse_map.method: coarse_map, "random": random_map}

@@ -9,7 +9,8 @@ Randomness comes in as uniform numbers, one per token: a token is drawn by inver
 distribution at its number. The seeding rule of a request (`request_seed`, `image_uniforms`): image i
 of a request has its own generator, seeded from (the request's seed, i), which draws n_tokens numbers
 for the autoregressive stage (stage 1 or the baseline) and then n_tokens for stage 2. An image's
-numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request.
+numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request;
+a call that merges several requests gives each image the (seed, i) pair of its own (`image_seeds`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import CtfgenError
 from .models.gpt import GPT
 from .models.refiner import Refiner
 from .sampling_params import SamplingParams, whole_number
@@ -34,11 +36,35 @@ def request_seed(seed: int | torch.Generator | None) -> int:
     return whole_number(seed, "seed", minimum=0)
 
 
+def image_seeds(seed, count: int) -> list[tuple[int, int]]:
+    """The (base seed, index) pair of each of a request's `count` images: (seed, 0), (seed, 1), ... for an
+    int, a torch.Generator or None (see `request_seed`); or a sequence of such pairs, one per image, taken as
+    they are: a batcher that merges several requests into one passes each image's pair from its own request,
+    so that the image draws the numbers it would draw alone."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise CtfgenError(f"{len(seed)} per-image seeds for {count} images; give one (seed, index) pair per image")
+        return [seed_pair(pair) for pair in seed]
+    base = request_seed(seed)
+    return [(base, index) for index in range(count)]
+
+
+def seed_pair(pair) -> tuple[int, int]:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise CtfgenError(f"a per-image seed is a (seed, index) pair, got {pair!r}")
+    return whole_number(pair[0], "seed", minimum=0), whole_number(pair[1], "image index", minimum=0)
+
+
 def image_uniforms(seed: int, first: int, count: int, n_tokens: int) -> torch.Tensor:
     """The numbers of images first .. first + count - 1 of the request with base seed `seed`: float64
     [count, 2, n_tokens] on the CPU, row [i, 0] for the autoregressive stage and row [i, 1] for stage 2."""
+    return seeded_uniforms([(seed, index) for index in range(first, first + count)], n_tokens)
+
+
+def seeded_uniforms(seeds: list[tuple[int, int]], n_tokens: int) -> torch.Tensor:
+    """The numbers of the images with these (base seed, index) pairs, as `image_uniforms` gives them."""
     rows = []
-    for index in range(first, first + count):
+    for seed, index in seeds:
         image_seed = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(image_seed))
         rows.append(torch.rand(2, n_tokens, generator=generator, dtype=torch.float64))
@@ -128,7 +154,6 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
                                    kv_len=t + 1 if prefix_only else None)
         pick(logits, t)
         input_pos += 1
-    model.clear_caches()
     return tokens
 
 

@@ -37,7 +37,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .batches import StepBatchSampler
-from .checkpoint import capture_rng, load_train_state, load_weights, restore_rng, save_checkpoint
+from .checkpoint import (
+    capture_rng,
+    check_optimizer_state,
+    check_weight_shapes,
+    is_run_dir,
+    load_train_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+)
 from .clustering import CoarseMap
 from .codes import CodeDataset
 from .distributed import Runtime, all_reduce_sum, barrier, launched
@@ -47,6 +56,7 @@ from .models.refiner import Refiner, refiner_config
 from .precision import autocast_context
 from .schedule import LR_SCHEDULES, learning_rate
 from .tokenizer.train import StopFlag
+from .validation import check_options, check_output
 
 STAGES = ("baseline", "stage1", "stage2")
 
@@ -198,6 +208,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
+    check_options(cfg)
+    check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
     out, device = Path(cfg.out), runtime.device
     ckpt_dir = out / "checkpoint"
     coarse_map = CoarseMap.load(cfg.map) if cfg.map else None
@@ -358,6 +370,8 @@ def load_full_state(ckpt_dir: Path, model, optimizer, ema: dict | None) -> tuple
     """Load a checkpoint written by `full_state` into the (sharded or plain) model, optimizer and EMA; returns
     the training state and the EMA (kept fresh when the checkpoint has none)."""
     state = load_train_state(ckpt_dir)
+    check_weight_shapes(model, ckpt_dir, resuming=True)
+    check_optimizer_state(state["optimizer"], optimizer, ckpt_dir)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_weights(ckpt_dir), options=options)
     names = dict(enumerate(_param_names(model, optimizer)))

@@ -20,10 +20,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import DTYPES, PretrainedMixin, write_atomic
+from ..checkpoint import DTYPES, PretrainedMixin, is_checkpoint, write_atomic
 from ..errors import CtfgenError
+from ..validation import (
+    DECAY,
+    MAX_CLASSES,
+    MAX_IMAGE_SIZE,
+    MAX_WIDTH,
+    Whole,
+    check_field_types,
+    check_options,
+    check_output,
+    check_values,
+)
 
 CHECKPOINT_KIND = "fmnist-classifier"
+CONFIG_RULES = {"hidden": Whole(1, MAX_WIDTH), "num_classes": Whole(1, MAX_CLASSES),
+                "image_size": Whole(1, MAX_IMAGE_SIZE), "spatial_channels": Whole(1, MAX_WIDTH), "dropout": DECAY,
+                "pool_grid": Whole(1, MAX_IMAGE_SIZE)}
 
 
 @dataclass
@@ -37,7 +51,17 @@ class ClassifierConfig:
     pool_grid: int = 4  # the last map is average-pooled to pool_grid x pool_grid before the hidden layer
 
     def __post_init__(self):
-        self.channels = tuple(self.channels)
+        if isinstance(self.channels, list):  # as read back from config.json
+            self.channels = tuple(self.channels)
+        check_field_types(self)
+        check_values(self, CONFIG_RULES)
+        stages = len(self.channels)
+        if not 1 <= stages or self.image_size >> stages < 1 or any(not 1 <= c <= MAX_WIDTH for c in self.channels):
+            raise CtfgenError(f"channels must be 1 to log2(image_size) = {self.image_size.bit_length() - 1} widths of "
+                              f"1 to {MAX_WIDTH}, got {list(self.channels)}")
+        if self.spatial_channels > self.channels[-1]:
+            raise CtfgenError(f"spatial_channels {self.spatial_channels} exceeds the last stage's "
+                              f"{self.channels[-1]} channels")
 
 
 class FMNISTClassifier(PretrainedMixin, nn.Module):
@@ -142,8 +166,9 @@ def train_classifier(cfg: ClassifierTrainConfig, command: str | None = None) -> 
     `command`, the command line that made it, in its config)."""
     from ..data import FashionMNIST
 
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise CtfgenError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
+    check_options(cfg)
+    check_output(cfg.out, flag="--out", what="a feature classifier", overwrite=True,
+                 is_ours=lambda path: is_checkpoint(path, CHECKPOINT_KIND))
     train, test = FashionMNIST("train", data_dir=cfg.data_dir), FashionMNIST("test", data_dir=cfg.data_dir)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -49,10 +49,17 @@ class FeatureNetwork:
     has_spatial: bool = False
     labels_are_classes: bool = False  # argmax of probs is a class id of the data (per-class accuracy)
     precomputed_dims: tuple[int, int] | None = None  # (pool, spatial) sizes of ADM reference-batch statistics
+    num_classes: int | None = None  # where labels_are_classes: how many, so that other labels are refused
     device: torch.device = torch.device("cpu")
 
     def check_images(self, shape: tuple[int, ...], what: str) -> None:
         """Raise a CtfgenError when images of this [N, H, W, 3] shape cannot be scored."""
+
+    def check_labels(self, labels: np.ndarray | None, what: str) -> None:
+        """Refuse class labels this network has no class for (they would be scored as classes that do not exist)."""
+        if labels is not None and self.num_classes is not None and len(labels) and labels.max() >= self.num_classes:
+            raise CtfgenError(f"{what}: labels must be class ids below {self.num_classes} (the classes of the "
+                              f"{self.name} classifier), found {labels.max()}")
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 [B, H, W, 3] on self.device -> {"pool", "logits", optionally "spatial"}."""
@@ -99,6 +106,7 @@ class ClassifierFeatures(FeatureNetwork):
 
         self.device = torch.device(device)
         self.model = FMNISTClassifier.from_pretrained(directory, device=self.device)
+        self.num_classes = self.model.config.num_classes
         self.source = str(directory)
         self.fingerprint = "fmnist-" + file_digest(Path(directory) / "model.safetensors",
                                                    extra=(Path(directory) / "config.json").read_text())

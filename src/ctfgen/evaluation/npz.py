@@ -6,6 +6,8 @@ Anything else is refused with one line that says what is wrong; nothing is unpic
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,10 @@ def _read(path: Path, what: str) -> dict[str, np.ndarray]:
     if magic != b"PK\x03\x04":
         raise CtfgenError(f"{what} file {path} is not an .npz archive; {LAYOUT}")
     try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if problem := _member_problem(archive, info):
+                    raise CtfgenError(f"{what} file {path}: {info.filename} {problem}; {LAYOUT}")
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except ValueError as e:
@@ -42,6 +48,32 @@ def _read(path: Path, what: str) -> dict[str, np.ndarray]:
         raise CtfgenError(f"{what} file {path} is not a readable .npz ({e}); {LAYOUT}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise CtfgenError(f"{what} file {path} is not a readable .npz ({type(e).__name__}: {e}); {LAYOUT}") from None
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    """What is wrong with one array of an .npz, read from its .npy header alone: numpy allocates the declared
+    shape before reading a byte, so a shape larger than the member's data or than this machine's memory (a
+    compressed bomb) must be refused first."""
+    if not info.filename.endswith(".npy"):
+        return "is not an array (.npy)"
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        data_bytes = info.file_size - f.tell()
+    if dtype.hasobject:
+        return "holds Python objects (an object array), not plain values"
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > data_bytes:
+        return f"declares {dtype} {list(shape)} ({needed} bytes) but holds {data_bytes} bytes: it is damaged"
+    if needed > _memory_bytes():
+        return f"declares {dtype} {list(shape)}: {needed / 2**30:.0f} GiB, more than this machine's memory"
+    return None
 
 
 def read_image_npz(path, what: str = "samples", allow_stats_only: bool = False) -> ImageBatch:

@@ -126,6 +126,7 @@ def load_reference(ref: str, network: FeatureNetwork, *, data_dir=None, cache=No
 
         if has_images:
             network.check_images(batch.images.shape, "reference")
+            network.check_labels(batch.labels, f"reference file {path}")
 
     notes = []
     precomputed = {}

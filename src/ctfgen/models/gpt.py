@@ -24,6 +24,18 @@ import torch.nn.functional as F
 
 from ..checkpoint import PretrainedMixin
 from ..errors import CtfgenError
+from ..validation import (
+    MAX_CLASSES,
+    MAX_LAYERS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    PROBABILITY,
+    Real,
+    Whole,
+    check_field_types,
+    check_values,
+)
 
 CHECKPOINT_KIND = "gpt"
 CLS_TOKEN_NUM = 1  # class-conditional LlamaGen uses a single class token
@@ -32,6 +44,17 @@ CLS_TOKEN_NUM = 1  # class-conditional LlamaGen uses a single class token
 def find_multiple(n: int, k: int) -> int:
     """The smallest multiple of k that is >= n."""
     return n if n % k == 0 else n + k - n % k
+
+
+CONFIG_RULES = {
+    "vocab_size": Whole(1, MAX_VOCAB), "coarse_vocab_size": Whole(1, MAX_VOCAB),  # the latter: the refiner's
+    "block_size": Whole(1, MAX_TOKENS), "num_classes": Whole(1, MAX_CLASSES), "dim": Whole(1, MAX_WIDTH),
+    "n_layer": Whole(1, MAX_LAYERS), "n_head": Whole(1, MAX_WIDTH), "multiple_of": Whole(1, MAX_WIDTH),
+    "ffn_dim_multiplier": Real(0, 16, low_open=True), "rope_base": Real(0, low_open=True),
+    "norm_eps": Real(0, 1, low_open=True), "initializer_range": Real(0, 1),
+    **dict.fromkeys(["token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
+                     "class_dropout_prob"], PROBABILITY),
+}
 
 
 @dataclass
@@ -55,6 +78,8 @@ class GPTConfig:
     class_dropout_prob: float = 0.1
 
     def __post_init__(self):
+        check_field_types(self)
+        check_values(self, CONFIG_RULES)
         if self.dim % self.n_head:
             raise CtfgenError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4:
@@ -385,8 +410,12 @@ class GPT(ClassConditionalTransformer):
         token (default 1 + block_size, rounded up to a multiple of 8); dtype/device default to the
         weights'. Call again to resize; batches up to max_batch_size can then be decoded."""
         weight = self.tok_embeddings.weight
-        dtype, device = dtype or weight.dtype, device or weight.device
+        dtype, device = dtype or weight.dtype, torch.device(device or weight.device)
         max_seq_len = find_multiple(max_seq_len or CLS_TOKEN_NUM + self.config.block_size, 8)
+        cache = self.layers[0].attention.kv_cache
+        if cache is not None and cache.k_cache.shape[0] == max_batch_size and cache.k_cache.shape[2] == max_seq_len \
+                and cache.k_cache.dtype == dtype and cache.k_cache.device == device:
+            return  # the same caches serve every batch of this shape (a captured CUDA graph keeps their addresses)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_head,
                                                self.config.head_dim, dtype, device)
@@ -436,9 +465,13 @@ class GPT(ClassConditionalTransformer):
 
     def compile_decode_step(self) -> None:
         """Replace decode_step by a torch.compile'd one (fullgraph; kv_len becomes a dynamic size after its
-        second value). The first decode pays the compile time (~20 s for GPT-S on a CPU). Idempotent."""
+        second value). On CUDA the step is captured as a CUDA graph ("reduce-overhead", as gpt-fast): every
+        step has the same shapes there (kv_len None), and one launch replaces hundreds of small kernels. The
+        first decode pays the compile time (~20 s for GPT-S on a CPU). Idempotent."""
         if not self.decode_step_compiled:
-            self.decode_step = torch.compile(self.decode_step, fullgraph=True)
+            cuda = self.tok_embeddings.weight.device.type == "cuda"
+            self.decode_step = torch.compile(self.decode_step, fullgraph=True,
+                                             mode="reduce-overhead" if cuda else None)
 
     @property
     def decode_step_compiled(self) -> bool:

@@ -16,10 +16,13 @@ from .model import VQModel
 def evaluate_tokenizer(model: VQModel, dataset, *, batch_size: int = 256, limit: int | None = None,
                        num_workers: int = 0, progress: bool = True) -> dict:
     """PSNR (dB, mean over images, on the original region, uint8 pixels) and codebook usage."""
+    if limit is not None and limit < 1:
+        raise CtfgenError(f"--limit must be at least 1 (leave it out for every image), got {limit}")
+    if batch_size < 1:
+        raise CtfgenError(f"--batch-size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
-    indices = range(min(len(dataset), limit)) if limit else range(len(dataset))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices) if limit else dataset, batch_size=batch_size,
-                        collate_fn=collate_images, num_workers=num_workers)
+    subset = dataset if limit is None else torch.utils.data.Subset(dataset, range(min(len(dataset), limit)))
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
     used = torch.zeros(model.config.codebook_size, dtype=torch.bool, device=device)
     psnrs, n_skipped = [], 0
     for images, _, skipped in tqdm(loader, desc="eval", unit="batch", disable=None if progress else True, leave=False):
@@ -43,6 +46,8 @@ def evaluate_tokenizer(model: VQModel, dataset, *, batch_size: int = 256, limit:
 @torch.no_grad()
 def reconstruction_pairs(model: VQModel, dataset, n: int) -> torch.Tensor:
     """uint8 [2n, 3, H, W]: originals interleaved with their reconstructions."""
+    if n < 1:
+        raise CtfgenError(f"--n must be at least 1, got {n}")
     device = next(model.parameters()).device
     images, _, _ = collate_images([dataset[i] for i in range(min(n, len(dataset)))])
     images = images.to(device)

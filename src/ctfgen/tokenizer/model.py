@@ -15,9 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import PretrainedMixin
+from ..errors import CtfgenError
+from ..validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_field_types, check_values
 
 CHECKPOINT_KIND = "vq-tokenizer"
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage buffer has this length whatever the codebook size
+GROUPS = 32  # GroupNorm groups (LlamaGen): every feature width must be a multiple of this
+CONFIG_RULES = {"codebook_size": Whole(1, MAX_VOCAB), "codebook_embed_dim": Whole(1, MAX_WIDTH),
+                "ch": Whole(1, MAX_WIDTH), "num_res_blocks": Whole(1, 64), "z_channels": Whole(1, MAX_WIDTH),
+                "commit_loss_beta": Real(0), "entropy_loss_ratio": Real(0), "dropout_p": PROBABILITY}
 
 
 @dataclass
@@ -33,6 +39,17 @@ class VQConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     dropout_p: float = 0.0
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_values(self, CONFIG_RULES)
+        for name in ("encoder_ch_mult", "decoder_ch_mult"):
+            mult = getattr(self, name)
+            if not 1 <= len(mult) <= 8 or any(not 1 <= m or self.ch * m > MAX_WIDTH for m in mult):
+                raise CtfgenError(f"{name} must be 1 to 8 positive channel multipliers with ch x multiplier <= "
+                                  f"{MAX_WIDTH}, got {mult}")
+            if any(self.ch * m % GROUPS for m in mult):
+                raise CtfgenError(f"ch {self.ch} x {name} {mult} must give multiples of {GROUPS} channels (GroupNorm)")
 
     @property
     def downsample(self) -> int:

@@ -12,7 +12,6 @@ import json
 import signal
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +20,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..batches import StepBatchSampler
-from ..checkpoint import capture_rng, load_train_state, load_weights, restore_rng
+from ..checkpoint import (
+    capture_rng,
+    check_optimizer_state,
+    check_weight_shapes,
+    is_run_dir,
+    load_train_state,
+    load_weights,
+    restore_rng,
+)
 from ..data import collate_images, load_dataset
 from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, launched
 from ..errors import CtfgenError
 from ..precision import autocast_context
 from ..schedule import learning_rate
+from ..validation import check_options, check_output
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .model import VQ_PRESETS, VQConfig, VQModel
 
@@ -112,7 +120,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
 
 
 def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
-    out = Path(cfg.out)
+    check_options(cfg)
+    out = check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
     ckpt_dir = out / "checkpoint"
     torch.manual_seed(cfg.seed + runtime.rank)
     model = _build_model(cfg).to(runtime.device)
@@ -125,10 +134,19 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     start_step = 0
     if cfg.resume:
         state = load_train_state(ckpt_dir)
+        check_weight_shapes(model, ckpt_dir, resuming=True)
+        check_optimizer_state(state["optimizer"], optimizer, ckpt_dir)
         model.load_state_dict(load_weights(ckpt_dir))
         optimizer.load_state_dict(state["optimizer"])
         if disc:
-            disc.load_state_dict(state["discriminator"])
+            if not isinstance(state.get("discriminator"), dict) or not isinstance(state.get("disc_optimizer"), dict):
+                raise CtfgenError(f"{ckpt_dir} was trained without a discriminator; resume it without --gan-weight")
+            check_optimizer_state(state["disc_optimizer"], disc_optimizer, ckpt_dir)
+            try:
+                disc.load_state_dict(state["discriminator"])
+            except RuntimeError as e:
+                raise CtfgenError(f"{ckpt_dir}: the saved discriminator does not fit ({str(e).splitlines()[0]})") \
+                    from None
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         start_step = int(state["step"])
         restore_rng(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
@@ -163,8 +181,8 @@ def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             model.save_pretrained(ckpt_dir, train_state=state, extra={"train": asdict(cfg), "step": step})
         barrier(runtime)
 
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="tokenizer", unit="step",
-               disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="tokenizer", unit="step",  # None: not on a non-terminal
+               disable=None if cfg.progress and runtime.is_main else True, dynamic_ncols=True)
     step, last = start_step, {}
     tic = time.perf_counter()
     for step, (images, _, _) in enumerate(loader, start=start_step):

@@ -1,0 +1,192 @@
+"""Many users, one sampler: concurrent requests merged into one pipeline call.
+
+One worker thread owns the pipeline (its models keep decoding caches, so two calls must not overlap). Requests
+wait in a queue; when the worker is free it takes the oldest one and every other waiting request with the same
+settings (mode and both stages' SamplingParams), up to `max_batch` images in all, and samples them in one call,
+each image with the (seed, index) pair of its own request: every user gets the images they would get alone
+(up to a near-tie that the batch shape can flip in float32; see `CTFPipeline.__call__`). While the
+autoregressive stage runs, each request receives its rows of the tokens so far, for its streamed preview.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..errors import CtfgenError
+from ..pipeline import CTFPipeline
+from ..request import PipelineOutput
+from ..sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """One user's images: `classes` holds the class id of each, all sampled with `seed` (image i: (seed, i))."""
+
+    classes: tuple[int, ...]
+    seed: int
+    mode: str  # "ctf" or "baseline"
+    sampling: SamplingParams
+    stage2_sampling: SamplingParams
+
+    @property
+    def settings(self) -> tuple:
+        """What must be equal for requests to share a sampler call."""
+        return self.mode, self.sampling, self.stage2_sampling
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The autoregressive stage's tokens so far for one request's images: LongTensor [n, step]."""
+
+    step: int
+    tokens: torch.Tensor
+
+
+class Job:
+    """A request in flight: the worker posts its newest progress, then its result (or an error)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self._posted = threading.Condition()
+        self._progress: Progress | None = None
+        self._outcome: PipelineOutput | BaseException | None = None
+
+    def progress(self, progress: Progress) -> None:
+        with self._posted:
+            self._progress = progress
+            self._posted.notify_all()
+
+    def finish(self, outcome: PipelineOutput | BaseException) -> None:
+        with self._posted:
+            self._outcome = outcome
+            self._posted.notify_all()
+
+    def updates(self, timeout: float = 600.0):
+        """Progress, then the request's PipelineOutput. A slow reader skips to the newest progress rather than
+        falling behind the sampler, but always gets the last one before the result (the full preview)."""
+        shown = None
+        while True:
+            with self._posted:
+                if not self._posted.wait_for(partial(self._news_since, shown), timeout):
+                    raise CtfgenError(f"no answer from the sampler in {timeout:.0f} s; try again")
+                progress, outcome = self._progress, self._outcome
+            if progress is not shown:
+                shown = progress
+                yield progress
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                yield outcome
+                return
+
+    def _news_since(self, shown: Progress | None) -> bool:
+        return self._progress is not shown or self._outcome is not None
+
+    def result(self, timeout: float = 600.0) -> PipelineOutput:
+        *_, output = self.updates(timeout)
+        return output
+
+
+class Batcher:
+    """Merges the requests that wait together into one pipeline call. `max_waiting` requests may wait at once;
+    one more is refused with a message (the server is busy) rather than queued without bound."""
+
+    def __init__(self, pipe: CTFPipeline, *, max_batch: int = 64, max_waiting: int = 32, gather_s: float = 0.02,
+                 progress_every: int = 8):
+        self.pipe, self.max_batch, self.max_waiting = pipe, max_batch, max_waiting
+        self.gather_s, self.progress_every = gather_s, progress_every
+        self.calls = 0  # sampler calls made: how many requests shared one is what a test or a log wants to know
+        self._waiting: list[Job] = []
+        self._changed = threading.Condition()
+        self._pipeline_lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="ctfgen-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: Request) -> Job:
+        if len(request.classes) > self.max_batch:
+            raise CtfgenError(f"{len(request.classes)} images in one request; at most {self.max_batch}")
+        job = Job(request)
+        with self._changed:
+            if self._closed:
+                raise CtfgenError("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise CtfgenError(f"the server is busy: {len(self._waiting)} requests are waiting (at most "
+                                  f"{self.max_waiting}); try again in a moment")
+            self._waiting.append(job)
+            self._changed.notify()
+        return job
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the sampler (not those in the call that runs)."""
+        with self._changed:
+            return len(self._waiting)
+
+    @contextmanager
+    def pipeline(self):
+        """The pipeline for work outside the batcher (re-rolls), while no sampler call runs."""
+        with self._pipeline_lock:
+            yield self.pipe
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._worker.join()
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while (jobs := self._take()) is not None:
+            self._sample(jobs)
+
+    def _take(self) -> list[Job] | None:
+        """The oldest waiting request and those that can share its call; None once closed."""
+        with self._changed:
+            while not self._waiting and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return None
+        time.sleep(self.gather_s)  # requests sent at the same moment arrive a few ms apart: let them join
+        with self._changed:
+            settings, taken, size = self._waiting[0].request.settings, [], 0
+            for job in self._waiting:
+                if job.request.settings == settings and size + len(job.request.classes) <= self.max_batch:
+                    taken.append(job)
+                    size += len(job.request.classes)
+            self._waiting = [job for job in self._waiting if job not in taken]
+        return taken
+
+    def _sample(self, jobs: list[Job]) -> None:
+        spans, start = [], 0
+        for job in jobs:
+            spans.append((job, start, start + len(job.request.classes)))
+            start = spans[-1][2]
+
+        def on_step(first: int, step: int, tokens: torch.Tensor) -> None:  # first is 0: the call is one batch
+            for job, lo, hi in spans:
+                job.progress(Progress(step, tokens[lo:hi].clone()))
+
+        request = jobs[0].request
+        try:
+            with self._pipeline_lock:
+                self.calls += 1
+                out = self.pipe([c for job in jobs for c in job.request.classes],
+                                seed=[(job.request.seed, i) for job in jobs for i in range(len(job.request.classes))],
+                                mode=request.mode, sampling=request.sampling, stage2_sampling=request.stage2_sampling,
+                                batch_size=start, output_type="pt", callback=on_step,
+                                callback_steps=self.progress_every)
+        except Exception as e:  # every user of the call hears of it; the worker serves on
+            for job in jobs:
+                job.finish(e)
+            return
+        for job, lo, hi in spans:
+            job.finish(PipelineOutput(out.images[lo:hi], out.labels[lo:hi], out.tokens[lo:hi],
+                                   None if out.coarse is None else out.coarse[lo:hi]))
