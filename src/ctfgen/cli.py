@@ -131,13 +131,15 @@ def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from .checkpoint import write_atomic
+    from .checkpoint import DTYPES, write_atomic
     from .images import make_grid, save_png
     from .pipeline import CTFPipeline
 
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
     pipe = CTFPipeline.from_pretrained(args.pipeline)
+    if args.dtype != "fp32":
+        pipe = pipe.copy(DTYPES[args.dtype])
     if args.compile:
         pipe.compile_decoding()
     classes, per_class = (args.classes.split(","), 1) if args.classes is not None else \
@@ -583,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_args(sample)
     sample.add_argument("--compile", action="store_true",
                         help="torch.compile the stage-1/baseline decode step (~20 s once; pays off over many batches)")
+    sample.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the transformers' dtype: bf16 is ~1.5x faster on GPUs and CPUs with fast bf16, and "
+                        "draws other images than fp32 for a seed (same distribution)")
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")

@@ -130,7 +130,7 @@ class Demo:
                 else:
                     frame.images[request.mode] = grid_image(update.images)
                     timing.final_s = time.perf_counter() - tic
-                    frame.status = ""
+                    frame.status = "done" if request is requests[-1] else ""
                     if request.mode == "ctf":
                         frame.result = {"coarse": update.coarse, "labels": update.labels, "images": update.images}
                 yield frame

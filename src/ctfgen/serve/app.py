@@ -30,7 +30,7 @@ def build_app(demo: Demo):
     pipe, names = demo.pipe, demo.pipe.class_names
 
     def shown(error: CtfgenError):
-        return gr.Error(str(error), title="Cannot do that", print_exception=False)
+        return gr.Error(str(error), print_exception=False)
 
     def generate(*form):
         try:
