@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ctfgen.checkpoint import DTYPES
 from ctfgen.codes import read_manifest
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.models.gpt import GPT
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="ctf,baseline", help="comma-separated: ctf, baseline")
     parser.add_argument("--every", type=int, default=1, help="score every N-th snapshot (and always the last)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the transformers' dtype")
     parser.add_argument("--out", default="fid_curve.png")
     args = parser.parse_args()
     runs, shipped = Path(args.runs), CTFPipeline.from_pretrained(args.pipeline)
@@ -71,9 +73,10 @@ def main() -> None:
             if (method, step, n, args.seed) in done:
                 continue
             network = network or load_feature_network("fmnist")
-            result = evaluate_pipeline(method_pipeline(shipped, runs, method, step), network, args.per_class,
+            pipe = method_pipeline(shipped, runs, method, step).copy(DTYPES[args.dtype])
+            result = evaluate_pipeline(pipe, network, args.per_class,
                                        mode=method, batch_size=args.batch, seed=args.seed)
-            point = {"method": method, "step": step, "n": n, "seed": args.seed,
+            point = {"method": method, "step": step, "n": n, "seed": args.seed, "dtype": args.dtype,
                      "epoch": round(step * epochs_per_step(runs / RUNS[method][0]), 3),
                      **{key: result[key] for key in METRICS}}
             print(json.dumps(point), flush=True)
