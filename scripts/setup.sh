@@ -8,4 +8,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${CTFGEN_DATA:-}" ]; then
 fi
 [ -d .venv ] || python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0   # the CPU wheel; a bare `torch` may pull a multi-GB CUDA build
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,web]"  # web: the demo (ctfgen serve), tested in the suite

@@ -25,7 +25,7 @@ def sklearn_inertia(codebook: torch.Tensor, k: int) -> float:
     return KMeans(n_clusters=k, n_init=4, random_state=0).fit(x).inertia_
 
 
-@pytest.mark.parametrize("source,k", [("random-16384x8", 512), ("bundled", 128)])
+@pytest.mark.parametrize("source,k", [pytest.param("random-16384x8", 512, marks=pytest.mark.slow), ("bundled", 128)])
 def test_kmeans_inertia_within_1_percent_of_sklearn(source, k):
     if source == "bundled":
         codebook = VQModel.from_pretrained(BUNDLED_TOKENIZER).codebook_weights
@@ -116,21 +116,34 @@ def test_interrupted_extraction_leaves_no_finished_output(tmp_path, fake_fmnist,
     assert not Path(str(tmp_path / "codes") + ".partial").exists()
 
 
-def test_cli_cluster_extract_redundancy_and_map_refusal(tmp_path, fake_fmnist, tiny_tokenizer, capsys):
+@pytest.fixture(scope="module")
+def tiny_map(tiny_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("map") / "map.safetensors"
+    cluster_codebook(VQModel.from_pretrained(tiny_tokenizer).codebook_weights, 8, seed=0).save(path)
+    return path
+
+
+def test_cluster_command(tmp_path, tiny_tokenizer, capsys):
     assert cli.main(["cluster", "--tokenizer", str(tiny_tokenizer), "--k", "8", "--out",
                      str(tmp_path / "map.safetensors"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["k"] == 8 and result["cluster_sizes"]["min"] >= 1
-    assert cli.main(["redundancy", "--tokenizer", str(tiny_tokenizer), "--map", str(tmp_path / "map.safetensors"),
+    assert CoarseMap.load(tmp_path / "map.safetensors").k == 8
+
+
+def test_redundancy_command(tmp_path, fake_fmnist, tiny_tokenizer, tiny_map, capsys):
+    assert cli.main(["redundancy", "--tokenizer", str(tiny_tokenizer), "--map", str(tiny_map),
                      "--data-dir", str(fake_fmnist), "--n", "16", "--out", str(tmp_path / "red"), "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert {"kmeans_psnr", "random_psnr", "kmeans_ssim", "random_ssim"} <= figures.keys()
     assert (tmp_path / "red/redundancy.png").is_file()
 
+
+def test_a_map_of_another_codebook_is_refused_in_one_line(tmp_path, fake_fmnist, tiny_map):
     other = tmp_path / "other"
     VQModel(VQ_PRESETS["VQ-tiny"]).save_pretrained(other)  # a different random codebook
     run = subprocess.run([sys.executable, "-m", "ctfgen.cli", "redundancy", "--tokenizer", str(other), "--map",
-                          str(tmp_path / "map.safetensors"), "--data-dir", str(fake_fmnist), "--n", "4",
+                          str(tiny_map), "--data-dir", str(fake_fmnist), "--n", "4",
                           "--out", str(tmp_path / "red2")], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "another codebook" in run.stderr and "Traceback" not in run.stderr

@@ -297,7 +297,7 @@ def test_human_readable_output(tiny_classifier, fake_fmnist, fake_samples, cache
 class TinyNetwork(FeatureNetwork):
     """A stand-in feature network: 4-d pooled features, 3-d spatial, accepting 4/3-d ADM statistics."""
 
-    name, fingerprint, source, has_spatial, precomputed_dims = "tiny", "tiny-v1", "test", True, (4, 3)
+    name, fingerprint, source, precomputed_dims = "tiny", "tiny-v1", "test", (4, 3)
 
     def forward(self, images):
         x = images.float().flatten(1)
@@ -320,6 +320,29 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, cache):
     stats_only = write_npz(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     result = evaluate_npz(samples, str(stats_only), TinyNetwork())
     assert result["fid"] is not None and result["precision"] is None and result["sfid"] is None
+
+
+def test_eval_command_against_an_adm_reference_batch(tmp_path, cache, monkeypatch, capsys):
+    """The last step of the paper-scale recipe (README), `ctfgen eval --features inception --ref
+    VIRTUAL_imagenet256_labeled.npz`, on a synthetic file of that layout (arr_0, mu / sigma, mu_s / sigma_s), with
+    TinyNetwork standing in for Inception: FID and sFID against the file's statistics, precision/recall against its
+    images, IS from the samples alone."""
+    import ctfgen.evaluation
+
+    monkeypatch.setattr(ctfgen.evaluation, "load_feature_network",
+                        lambda name, **kwargs: TinyNetwork() if name == "inception" else pytest.fail(name))
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 255, (50, 4, 4, 3), dtype=np.uint8)
+    samples = write_npz(tmp_path / "samples.npz", arr_0=images, labels=np.repeat(np.arange(10, dtype=np.int64), 5))
+    mu, sigma, mu_s, sigma_s = np.full(4, 100.0), np.eye(4) * 50, np.full(3, 90.0), np.eye(3) * 40
+    ref = write_npz(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=rng.integers(0, 255, (30, 4, 4, 3), np.uint8),
+                    mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    result = run_eval(capsys, "--samples", str(samples), "--ref", str(ref), "--features", "inception")
+    features = images.reshape(50, -1).astype(np.float64)
+    assert result["features"] == "tiny" and result["n_samples"] == 50 and result["n_ref"] == 30
+    assert result["fid"] == pytest.approx(frechet_distance(*gaussian_stats(features[:, :4]), mu, sigma))
+    assert result["sfid"] == pytest.approx(frechet_distance(*gaussian_stats(features[:, 4:7]), mu_s, sigma_s))
+    assert result["precision"] is not None and result["inception_score"] > 0 and "precomputed" in result["notes"][0]
 
 
 def test_stats_only_reference_for_other_features_is_refused(tiny_classifier, fake_samples, tmp_path, capsys):
@@ -356,9 +379,9 @@ def random_inception_weights(tmp_path_factory):
     """torch-fidelity's Inception-v3 with random weights, saved like the real file (no download)."""
     if importlib.util.find_spec("torch_fidelity") is None:
         pytest.skip("torch-fidelity is not installed")
-    from ctfgen.evaluation.features import _inception_class
+    from ctfgen.evaluation.features import inception_extractor_class
 
-    cls = _inception_class()
+    cls = inception_extractor_class()
     module = __import__(cls.__module__, fromlist=["x"])
     mp = pytest.MonkeyPatch()
     mp.setattr(module, "load_state_dict_from_url", lambda *a, **k: {})
@@ -403,6 +426,7 @@ SHIPPED = pretrained_dir() / "fmnist" / "classifier"
 REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped classifier")
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST is not installed")
 def test_shipped_classifier_reaches_91_percent():

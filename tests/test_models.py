@@ -5,8 +5,17 @@ import torch
 import torch.nn as nn
 
 from ctfgen.errors import CtfgenError
-from ctfgen.models import GPT, GPT_PRESETS, Refiner, gpt_config, load_llamagen_state_dict, refiner_config
-from ctfgen.models.gpt import RMSNorm, apply_rotary_emb, find_multiple, precompute_freqs_cis_2d
+from ctfgen.models import (
+    GPT,
+    GPT_PRESETS,
+    Refiner,
+    gpt_config,
+    gpt_from_llamagen,
+    load_llamagen_state_dict,
+    refiner_config,
+)
+from ctfgen.models.blocks import RMSNorm, apply_rotary_emb, precompute_freqs_cis_2d
+from ctfgen.models.gpt import find_multiple
 
 
 def randomize(model: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:
@@ -39,6 +48,7 @@ def llamagen_c2i_names_and_shapes(vocab: int, n_classes: int, dim: int, n_layer:
     return shapes
 
 
+@pytest.mark.slow
 def test_llamagen_gpt_b_state_dict_loads_strict(tmp_path):
     shapes = llamagen_c2i_names_and_shapes(16384, 1000, 768, 12, hidden=2048)  # int(2*4*768/3) = 2048
     sd = {k: torch.full(s, 0.5, dtype=torch.bfloat16) for k, s in shapes.items()}
@@ -47,7 +57,7 @@ def test_llamagen_gpt_b_state_dict_loads_strict(tmp_path):
     torch.save({"model": sd}, tmp_path / "with_freqs.pt")
     del sd
 
-    model = GPT.from_llamagen(tmp_path / "c2i_B_256.pt", "GPT-B", block_size=256)
+    model = gpt_from_llamagen(tmp_path / "c2i_B_256.pt", "GPT-B", block_size=256)
     assert (model.config.vocab_size, model.config.num_classes) == (16384, 1000)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes  # no freqs_cis, no caches
     assert torch.all(model.output.weight == 0.5)
@@ -57,7 +67,7 @@ def test_llamagen_gpt_b_state_dict_loads_strict(tmp_path):
         del loaded
     assert set(load_llamagen_state_dict(tmp_path / "with_freqs.pt")) == set(shapes)
     with pytest.raises(CtfgenError, match="GPT-M"):
-        GPT.from_llamagen(tmp_path / "c2i_B_256.pt", "GPT-M")
+        gpt_from_llamagen(tmp_path / "c2i_B_256.pt", "GPT-M")
 
 
 def test_llamagen_bad_files(tmp_path):

@@ -183,12 +183,14 @@ def test_sampling_leaves_the_models_as_they_were():
 
 
 def test_bench_times_a_copy_and_leaves_the_models_alone(pipe):
+    caches = [layer.attention.kv_cache for layer in pipe.stage1.layers]  # set up by earlier requests, if any
     result = benchmark(pipe, batch=4, repeats=1, precision="bf16")
     assert result["precision"] == "bf16" and result["ctf"]["images_per_s"] > 0
     assert result["baseline"]["images_per_s"] > 0 and 0 < result["ctf"]["decode_step_fraction_of_peak"] < 1.5
     for model in (pipe.stage1, pipe.stage2, pipe.baseline):
         assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not pipe.decoding_compiled and pipe.stage1.layers[0].attention.kv_cache is None
+    assert not pipe.decoding_compiled
+    assert all(layer.attention.kv_cache is cache for layer, cache in zip(pipe.stage1.layers, caches))
 
 
 def test_save_and_load_roundtrip(pipe, pipe_dir):
@@ -276,34 +278,50 @@ def test_bench_command(pipe_dir, capsys):
     assert 0 < result["ctf"]["decode_step_fraction_of_peak"] < 1.5
 
 
-def test_assemble_and_demo_commands(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def part_dirs(tmp_path_factory):
+    """The parts of make_parts() saved one by one, as `ctfgen assemble` takes them."""
+    root = tmp_path_factory.mktemp("parts")
     parts = make_parts()
-    paths = {"tokenizer": tmp_path / "tok", "map": tmp_path / "map.safetensors"}
+    paths = {"tokenizer": root / "tok", "map": root / "map.safetensors"}
     parts["tokenizer"].save_pretrained(paths["tokenizer"])
     parts["coarse_map"].save(paths["map"])
     for name in ("stage1", "stage2", "baseline"):
-        paths[name] = tmp_path / name
+        paths[name] = root / name
         parts[name].save_pretrained(paths[name])
-    args = ["assemble", "--out", str(tmp_path / "pipe"), "--tokenizer", str(paths["tokenizer"]), "--dtype", "fp32",
-            "--class-names", "fmnist"]
-    ctf = ["--map", str(paths["map"]), "--stage1", str(paths["stage1"]), "--stage2", str(paths["stage2"])]
-    assert cli.main([*args, *ctf, "--baseline", str(paths["baseline"])]) == 0
+    return paths
+
+
+def assemble_args(out, part_dirs, **parts) -> list[str]:
+    """`ctfgen assemble` of the saved tokenizer and the parts named by flag (stage1="stage1", ...)."""
+    flags = [arg for flag, name in parts.items() for arg in (f"--{flag}", str(part_dirs[name]))]
+    return ["assemble", "--out", str(out), "--tokenizer", str(part_dirs["tokenizer"]), "--dtype", "fp32",
+            "--class-names", "fmnist", *flags]
+
+
+def test_assemble_command_makes_the_pipeline_of_its_parts(part_dirs, tmp_path):
+    parts = {name: name for name in ("map", "stage1", "stage2", "baseline")}
+    assert cli.main(assemble_args(tmp_path / "pipe", part_dirs, **parts)) == 0
     loaded = CTFPipeline.from_pretrained(tmp_path / "pipe")
     assert loaded.class_names[0] == "T-shirt/top" and len(loaded.class_names) == 10
     assert torch.equal(loaded([2, 9], seed=4, output_type="pt").images,
-                       CTFPipeline(**parts)([2, 9], seed=4, output_type="pt").images)
+                       CTFPipeline(**make_parts())([2, 9], seed=4, output_type="pt").images)
 
-    assert cli.main(["demo", "--pipeline", str(tmp_path / "pipe"), "--per-class", "2", "--out",
+
+@pytest.mark.parametrize("parts", [{"stage1": "stage1"}, {"baseline": "stage1"}],
+                         ids=["half-a-ctf-pipeline", "stage1-as-baseline"])
+def test_assemble_command_refuses_parts_that_make_no_pipeline(part_dirs, tmp_path, capsys, parts):
+    assert cli.main(assemble_args(tmp_path / "bad", part_dirs, **parts)) == 2
+    assert not (tmp_path / "bad").exists()
+    assert "ctfgen: error:" in capsys.readouterr().err
+
+
+def test_demo_command_draws_a_labelled_row_per_class(pipe_dir, tmp_path, capsys):
+    assert cli.main(["demo", "--pipeline", str(pipe_dir), "--per-class", "2", "--out",
                      str(tmp_path / "demo.png")]) == 0
     assert "demo.png" in capsys.readouterr().out
     with Image.open(tmp_path / "demo.png") as image:
         assert image.height >= 10 * 32 and image.width > 2 * 32  # a row per class, names on the left
-
-    # Half a CTF pipeline, or parts that disagree, write nothing.
-    assert cli.main([*args[:2], str(tmp_path / "bad"), *args[3:], "--stage1", str(paths["stage1"])]) == 2
-    assert cli.main([*args[:2], str(tmp_path / "bad"), *args[3:], "--baseline", str(paths["stage1"])]) == 2
-    assert not (tmp_path / "bad").exists()
-    assert "ctfgen: error:" in capsys.readouterr().err
 
 
 def test_index_naming_a_missing_part_is_refused(pipe, tmp_path):

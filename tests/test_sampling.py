@@ -117,7 +117,8 @@ def test_stage2_samples_stay_in_their_clusters():
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
-    """Computing only the members' logits gives what masking all V logits gives."""
+    """Computing only the members' logits gives what masking all V logits gives: the greedy tokens, and at every
+    position the very distribution (the sampler's answers to a fine grid of numbers, not a random draw)."""
     torch.manual_seed(1)
     coarse_map = cluster_codebook(torch.randn(64, 4), 8, seed=0)
     refiner = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, block_size=16,
@@ -134,16 +135,19 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
     greedy_params = SamplingParams(temperature=0, cfg_scale=cfg_scale)
     greedy = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, greedy_params)
     assert torch.equal(greedy, masked.argmax(-1))
-    # Sampled frequencies at one position follow the masked softmax.
-    n = 20000
-    probs = masked[0, 0].softmax(-1)
-    uniforms = torch.rand(n, 16, generator=torch.Generator().manual_seed(0))
-    one = refine(refiner, coarse[:1].expand(n, -1), labels[:1].expand(n), coarse_map.coarse_of_fine,
-                 SamplingParams(cfg_scale=cfg_scale), uniforms=uniforms)[:, 0]
-    freq = torch.bincount(one, minlength=64).float() / n
-    assert (freq - probs).abs().max() < 0.02 and freq[probs == 0].sum() == 0
+    # Numbers (j + 1/2) / n, j < n, at every position of the first grid: inverting a distribution at them picks
+    # token v for n * p(v) of them, give or take one. So each position's frequencies are its probabilities to 1 / n.
+    n = 1000
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None].expand(n, 16)
+    tokens = refine(refiner, coarse[:1].expand(n, -1), labels[:1].expand(n), coarse_map.coarse_of_fine,
+                    SamplingParams(cfg_scale=cfg_scale), uniforms=grid)
+    freq = torch.stack([torch.bincount(tokens[:, t], minlength=64) for t in range(16)]).double() / n
+    probs = masked[0].double().softmax(-1)
+    assert (freq - probs).abs().max() <= 1 / n + 1e-6
+    assert freq[probs == 0].sum() == 0
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens():
     model = random_gpt()
     labels = torch.tensor([0, 3, 7, 9])
@@ -154,6 +158,44 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     compiled = generate(model, labels, greedy)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate(model, labels[:2], greedy), eager[:2])  # another batch size
+
+
+def llamagen_greedy_generate(model, labels, cfg_scale: float, cfg_interval: int) -> torch.Tensor:
+    """LlamaGen's generate() (autoregressive/models/generate.py), greedy, on ctfgen's GPT without a cache. Its
+    prefill samples token 0, guided; `decode_n_tokens` step i samples token i + 1, guided unless
+    `cfg_interval > -1 and i > cfg_interval`. Guided logits: uncond + (cond - uncond) * cfg_scale."""
+    b = len(labels)
+    cond_combined = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
+    tokens = torch.zeros(b, 0, dtype=torch.long)
+
+    def next_token(cfg_flag: bool) -> torch.Tensor:
+        seq = torch.cat([tokens, tokens.new_zeros(b, 1)], dim=1)  # output t predicts token t; the last is unread
+        cond_logits, uncond_logits = model(seq.repeat(2, 1), cond_combined)[0][:, -1].chunk(2)
+        logits = uncond_logits + (cond_logits - uncond_logits) * cfg_scale if cfg_flag else cond_logits
+        return logits.argmax(-1, keepdim=True)
+
+    with torch.no_grad():
+        tokens = next_token(True)  # prefill
+        cfg_flag = True
+        for i in range(model.config.block_size - 1):
+            if cfg_interval > -1 and i > cfg_interval:
+                cfg_flag = False
+            tokens = torch.cat([tokens, next_token(cfg_flag)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("cfg_interval", [-1, 0, 3])
+def test_cfg_interval_guides_the_tokens_llamagen_guides(cfg_interval):
+    """cfg_interval = N guides tokens 0 to N + 1, as LlamaGen's generate() does."""
+    model = random_gpt()
+    labels = torch.arange(8) % 10
+
+    def ours(n):
+        return generate(model, labels, SamplingParams(temperature=0, cfg_scale=4.0, cfg_interval=n))
+
+    assert torch.equal(ours(cfg_interval), llamagen_greedy_generate(model, labels, 4.0, cfg_interval))
+    assert not torch.equal(ours(cfg_interval), ours(cfg_interval + 1))  # each guided token counts here
+    assert [SamplingParams(cfg_interval=2).guides_token(t) for t in range(5)] == [True, True, True, True, False]
 
 
 @pytest.mark.parametrize("kwargs,message", [

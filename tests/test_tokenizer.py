@@ -69,6 +69,7 @@ def llamagen_vq16_shapes() -> dict[str, tuple]:
     return shapes
 
 
+@pytest.mark.slow
 def test_llamagen_vq16_state_dict_loads_strict(tmp_path):
     shapes = llamagen_vq16_shapes()
     state = {name: torch.randn(shape) for name, shape in shapes.items()}
@@ -167,6 +168,7 @@ def test_dead_codes_are_restarted(tmp_path, fake_fmnist):
     assert result["restarted"] == round((1 - result["codebook_usage_window"]) * 1024)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, fake_fmnist):
     common = ["tokenizer", "train", "--model", "VQ-tiny", "--data-dir", str(fake_fmnist), "--steps", "3",
               "--batch-size", "32", "--restart-every", "0", "--warmup-steps", "1", "--log-every", "1", "--no-progress",

@@ -56,6 +56,7 @@ def test_each_stage_trains_and_improves(codes, tmp_path, stage, capsys):
     assert config["model"]["vocab_size"] == vocab
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
     """Kill a run hard after a checkpoint at step N; resuming to 2N gives the uninterrupted weights."""
     args = train_args(codes, tmp_path / "killed", "--stage", "stage1", "--steps", "100000", "--ckpt-every", "4")
@@ -88,6 +89,7 @@ def test_refuses_to_overwrite_and_needs_a_map(codes, tmp_path, capsys):
     assert "--map" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(codes, tmp_path):
     common = ["--stage", "stage2", "--steps", "3", "--dropout", "0", "--class-dropout", "0"]
     one = subprocess.run([sys.executable, "-m", "ctfgen.cli", *train_args(codes, tmp_path / "one", *common)],
@@ -110,6 +112,7 @@ def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
     assert_same_weights(tmp_path / "big/checkpoint", tmp_path / "acc/checkpoint", atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(codes, tmp_path):
     """2 gloo processes under FSDP train like one process, and resume from and into unsharded checkpoints."""
     from ctfgen.models.refiner import Refiner

@@ -24,6 +24,7 @@ from .errors import CtfgenError
 from .validation import check_destination, config_from_dict
 
 CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors", "train_state.pt"
+RUN_CONFIG_NAME = "train_config.json"  # beside a training run's checkpoint/: the options it was started with
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESUME_FIX = "resume with the options the run was started with"
 MAX_BUFFER_BYTES = 2**30  # tables a model computes beyond its weights (RoPE): far more means a corrupt config
@@ -105,7 +106,7 @@ def is_checkpoint(directory, kind: str | None = None) -> bool:
 
 def is_run_dir(directory) -> bool:
     """Whether `directory` is the output of a training run (what `--resume` continues): its train_config.json."""
-    return (Path(directory) / "train_config.json").is_file()
+    return (Path(directory) / RUN_CONFIG_NAME).is_file()
 
 
 def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict | None = None,

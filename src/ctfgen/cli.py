@@ -128,24 +128,35 @@ def _request(args) -> dict:
 
 
 def cmd_sample(args) -> None:
-    import numpy as np
-    import torch
-
-    from .checkpoint import DTYPES, write_atomic
-    from .images import make_grid, save_png
+    from .checkpoint import DTYPES
+    from .distributed import launched
     from .pipeline import CTFPipeline
+    from .sample_ddp import sample_sharded
 
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
-    pipe = CTFPipeline.from_pretrained(args.pipeline)
-    if args.dtype != "fp32":
-        pipe = pipe.copy(DTYPES[args.dtype])
-    if args.compile:
-        pipe.compile_decoding()
-    classes, per_class = (args.classes.split(","), 1) if args.classes is not None else \
-        (range(pipe.num_classes), args.per_class)
-    out = pipe(classes, per_class=per_class, output_type="pt", preview=bool(args.preview_grid), progress=True,
-               **_request(args))
+    with launched(args.device) as runtime:  # under torchrun each process samples whole batches; rank 0 writes
+        pipe = CTFPipeline.from_pretrained(args.pipeline, device=runtime.device)
+        if args.dtype != "fp32":
+            pipe = pipe.copy(DTYPES[args.dtype])
+        if args.compile:
+            pipe.compile_decoding()
+        classes, per_class = (args.classes.split(","), 1) if args.classes is not None else \
+            (range(pipe.num_classes), args.per_class)
+        out = sample_sharded(pipe, classes, runtime, per_class=per_class, preview=bool(args.preview_grid),
+                             progress=True, **_request(args))
+    if runtime.is_main:
+        _write_samples(args, out, ncol=per_class if args.classes is None else min(len(out.labels), 16))
+
+
+def _write_samples(args, out, ncol: int) -> None:
+    """The outputs `ctfgen sample` was asked for, from the whole request's output ("pt")."""
+    import numpy as np
+    import torch
+
+    from .checkpoint import write_atomic
+    from .images import make_grid, save_png
+
     pixels, labels = out.images, out.labels.tolist()
     if args.npz:
         arr = pixels.permute(0, 2, 3, 1).numpy()
@@ -156,7 +167,6 @@ def cmd_sample(args) -> None:
 
         write_atomic(Path(args.npz), write_npz)
         print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels")
-    ncol = per_class if args.classes is None else min(len(labels), 16)
     if args.grid:
         print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
     if args.preview_grid:
@@ -573,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", dest="progress", action="store_false")
     tr.set_defaults(func=cmd_train)
 
-    sample = sub.add_parser("sample", help="generate images from a pipeline (PNGs, a grid, an ADM-style .npz)")
+    sample = sub.add_parser("sample", help="generate images from a pipeline (PNGs, a grid, an ADM-style .npz); "
+                                            "torchrun shares the batches out, with the same output")
     sample.add_argument("--pipeline", default=str(pretrained_dir() / "fmnist"))
     which = sample.add_mutually_exclusive_group(required=True)
     which.add_argument("--classes", help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag")
@@ -588,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="the transformers' dtype: bf16 is ~1.5x faster on GPUs and CPUs with fast bf16, and "
                         "draws other images than fp32 for a seed (same distribution)")
+    sample.add_argument("--device", default="cpu", help="cpu (default: the device of `ctfgen demo`, whose images "
+                        "a seed gives), cuda, cuda:N or auto; under torchrun with cuda each process takes its own GPU")
     sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")

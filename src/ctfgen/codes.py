@@ -2,9 +2,10 @@
 
 Layout of an extraction directory:
     manifest.json            tokenizer fingerprint, grid size, views, count, shards
-    codes.<rank>.npy         uint16 (V <= 65536) or int32 [n, views, h, w]
-    labels.<rank>.npy        int64 [n]
+    codes.<i>.npy            uint16 (V <= 65536) or int32 [n, views, h, w]
+    labels.<i>.npy           int64 [n]
 Views are the image itself, its mirror with --flip, and ten crops (x2 with --flip) with --ten-crop.
+Extraction writes one shard (i = 0), the same bytes under torchrun as in one process; readers take any number.
 Everything is written under `<out>.partial/` and renamed when complete, so an interrupted run
 leaves no output that looks finished; an error removes it, and a re-run after a kill starts it afresh.
 Reading checks the manifest and every shard (shape, dtype, tokens and labels in range) once, up front.
@@ -19,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import replace_dir
 from .clustering import CoarseMap
 from .data import FashionMNIST, ImageFolder, center_crop, to_model_range
-from .distributed import Runtime, barrier
+from .distributed import Runtime, barrier, gather_in_order, round_robin_batches
 from .errors import CtfgenError
 from .tokenizer.model import VQModel
 from .validation import MAX_CLASSES, MAX_TOKENS, MAX_VOCAB, Whole, check_destination, check_output
@@ -129,39 +130,44 @@ def extract_codes(tokenizer: VQModel, dataset, out, *, flip: bool = False, ten_c
 
 def _extract(tokenizer: VQModel, views: ViewDataset, partial: Path, batch_size: int, num_workers: int,
              runtime: Runtime, progress: bool) -> dict:
-    """Write this process's shard of grids and labels under `partial`; returns the manifest (without options)."""
-    shard = Subset(views, range(runtime.rank, len(views), runtime.world_size))
+    """Encode this process's batches (whole batches, round robin) and gather them on rank 0, which writes the grids
+    and labels of every item under `partial` in item order: one shard, the same bytes whatever the number of
+    processes for the same batch size. Returns the manifest (without options)."""
     device = next(tokenizer.parameters()).device
     cfg = tokenizer.config
     dtype = np.uint16 if cfg.codebook_size <= 65536 else np.int32
     sample, _ = views[0]
     h, w = sample.shape[-2] // cfg.downsample, sample.shape[-1] // cfg.downsample
-    codes = np.lib.format.open_memmap(partial / f"codes.{runtime.rank}.npy", mode="w+", dtype=dtype,
-                                      shape=(len(shard), views.n_views, h, w))
-    labels = np.zeros(len(shard), dtype=np.int64)
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=lambda items: (torch.stack([v for v, _ in items]),
-                                                  torch.tensor([label for _, label in items])))
+    batches = round_robin_batches(len(views), batch_size, runtime)
+    loader = iter(DataLoader(views, batch_sampler=[list(b) for b in batches if b is not None], num_workers=num_workers,
+                             collate_fn=lambda items: (torch.stack([v for v, _ in items]),
+                                                       torch.tensor([label for _, label in items]))))
+    if runtime.is_main:  # rank 0 writes every item; on the others gather_in_order gives nothing to write
+        codes = np.lib.format.open_memmap(partial / "codes.0.npy", mode="w+", dtype=dtype,
+                                          shape=(len(views), views.n_views, h, w))
+        labels = np.zeros(len(views), dtype=np.int64)
     pos = 0
     with torch.no_grad():
         # disable=None: no bar when stderr is not a terminal, so that an error stays one line there.
-        for batch, batch_labels in tqdm(loader, desc=f"extract[{runtime.rank}]", unit="batch",
-                                        disable=None if progress and runtime.is_main else True, dynamic_ncols=True):
-            n = len(batch)
-            grid = tokenizer.encode(batch.flatten(0, 1).to(device)).view(n, views.n_views, h, w)
-            codes[pos:pos + n] = grid.cpu().numpy().astype(dtype)
-            labels[pos:pos + n] = batch_labels.numpy()
-            pos += n
-    codes.flush()
-    del codes
-    np.save(partial / f"labels.{runtime.rank}.npy", labels)
-    barrier(runtime)
+        for batch in tqdm(batches, desc="extract", unit="round", disable=None if progress and runtime.is_main else True,
+                          dynamic_ncols=True):
+            part = None
+            if batch is not None:
+                images, batch_labels = next(loader)
+                grid = tokenizer.encode(images.flatten(0, 1).to(device)).view(len(images), views.n_views, h, w)
+                part = (grid.cpu().numpy().astype(dtype), batch_labels.numpy())
+            for grids, part_labels in gather_in_order(part, runtime):
+                codes[pos:pos + len(grids)], labels[pos:pos + len(grids)] = grids, part_labels
+                pos += len(grids)
+    if runtime.is_main:
+        codes.flush()
+        del codes
+        np.save(partial / "labels.0.npy", labels)
     return {
         "format": FORMAT, "tokenizer_fingerprint": tokenizer.fingerprint,
         "codebook_size": cfg.codebook_size, "grid": [h, w], "image_size": list(sample.shape[-2:]),
         "views": views.n_views, "count": len(views),
-        "shards": [{"codes": f"codes.{r}.npy", "labels": f"labels.{r}.npy",
-                    "count": len(range(r, len(views), runtime.world_size))} for r in range(runtime.world_size)],
+        "shards": [{"codes": "codes.0.npy", "labels": "labels.0.npy", "count": len(views)}],
     }
 
 
@@ -255,7 +261,6 @@ class CodeDataset(Dataset):
                                        or coarse_map.vocab_size != m["codebook_size"]):
             raise CtfgenError(f"the coarse map was made for another tokenizer than the codes in {directory} "
                               f"(map {coarse_map.fingerprint}, codes {m['tokenizer_fingerprint']})")
-        self.coarse_map = coarse_map
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

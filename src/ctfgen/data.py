@@ -41,7 +41,8 @@ def fmnist_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(data_dir or os.environ.get("CTFGEN_DATA") or FMNIST_DEFAULT_DIR)
 
 
-def _find_idx(root: Path, stem: str) -> Path:
+def find_idx(root: Path, stem: str) -> Path:
+    """The Fashion-MNIST IDX file `stem` in `root`, plain or gzipped, or one clear error."""
     for name in (stem, stem + ".gz"):
         if (root / name).is_file():
             return root / name
@@ -99,7 +100,7 @@ class FashionMNIST(Dataset):
         if split not in FMNIST_FILES:
             raise CtfgenError(f"unknown Fashion-MNIST split {split!r}; use one of {sorted(FMNIST_FILES)}")
         root = fmnist_dir(data_dir)
-        image_file, label_file = (_find_idx(root, stem) for stem in FMNIST_FILES[split])
+        image_file, label_file = (find_idx(root, stem) for stem in FMNIST_FILES[split])
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.ndim != 3 or images.shape[1:] != (FMNIST_SIDE, FMNIST_SIDE) or len(images) == 0:
             raise CtfgenError(f"{image_file} holds images of shape {images.shape}, not [N, 28, 28]; reinstall the "

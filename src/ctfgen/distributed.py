@@ -65,9 +65,46 @@ def broadcast(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj, runtime: Runtime) -> list:
+    """`obj` of every rank, in rank order ([obj] in a single process). Any picklable object."""
+    if not runtime.distributed:
+        return [obj]
+    gathered = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """Whether `flag` is set on any rank; every rank must ask."""
+    if not runtime.distributed:
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=runtime.device), runtime) > 0)
+
+
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
+
+
+def round_robin_batches(count: int, batch_size: int, runtime: Runtime) -> list[range | None]:
+    """This process's share of the `batch_size` batches of items 0..count-1: batches rank, rank + W, rank + 2W, ...
+    of a single process's order, whole, so that each batch holds the same items in the same shape as there (and
+    is computed bit for bit alike). One entry per round of `gather_in_order`, None where this process has no
+    batch left in the last round."""
+    starts = range(0, count, batch_size)
+    rounds = -(-len(starts) // runtime.world_size)
+    batches = (round_ * runtime.world_size + runtime.rank for round_ in range(rounds))
+    return [range(starts[b], min(starts[b] + batch_size, count)) if b < len(starts) else None for b in batches]
+
+
+def gather_in_order(part, runtime: Runtime) -> list:
+    """One round of `round_robin_batches`: on rank 0, every process's `part` (its batch's results, or None) in rank
+    order, which is a single process's batch order; [] on the others. Any picklable object; small per round."""
+    if not runtime.distributed:
+        return [] if part is None else [part]
+    parts = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(part, parts, dst=0)
+    return [p for p in parts if p is not None] if runtime.is_main else []
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -154,6 +154,16 @@ class CTFPipeline:
         """Class ids from one class or a sequence of them, each an id or a name from `class_names`."""
         return class_ids(classes, self.class_names)
 
+    def check_settings(self, mode: str = "ctf", sampling: SamplingParams = STAGE1_DEFAULTS,
+                       stage2_sampling: SamplingParams = STAGE2_DEFAULTS, preview: bool = False) -> None:
+        """Refuse (CtfgenError) the settings of a call that this pipeline cannot sample with, as the call itself
+        does before anything runs: for callers that share one request out (torchrun) and must agree up front."""
+        self._check_mode(mode, preview)
+        model = self.stage1 if mode == "ctf" else self.baseline
+        check_sampling(sampling, "sampling", model.config.vocab_size)
+        if mode == "ctf":
+            check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
+
     def _check_mode(self, mode: str, preview: bool) -> None:
         if mode not in MODES:
             raise CtfgenError(f"unknown mode {mode!r}; use 'ctf' or 'baseline'")
@@ -217,11 +227,7 @@ class CTFPipeline:
         tests over 99% of tokens agree between batch sizes 1 and 7 in float32, all in float64. The same
         request with the same batch size on the same device gives the same images."""
         labels = torch.tensor(self.class_ids(classes)).repeat_interleave(whole_number(per_class, "per_class", 1))
-        self._check_mode(mode, preview)
-        model = self.stage1 if mode == "ctf" else self.baseline
-        check_sampling(sampling, "sampling", model.config.vocab_size)
-        if mode == "ctf":
-            check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
+        self.check_settings(mode, sampling, stage2_sampling, preview)
         batch_size = check_batching(batch_size, output_type)
         callback_steps = check_callback(callback, callback_steps)
         seeds = image_seeds(seed, len(labels))  # last: a generator is drawn from only for a request that runs

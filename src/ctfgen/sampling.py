@@ -2,8 +2,9 @@
 
 The decode loop reads like gpt-fast's generate.py: prefill the class token into a static cache,
 then one token per step at a fixed shape. Guidance follows LlamaGen: the batch is doubled with the
-null class, and logits = uncond + cfg_scale * (cond - uncond) (only for tokens 0 to `cfg_interval`
-when that is set).
+null class, and logits = uncond + cfg_scale * (cond - uncond). With `cfg_interval` = N >= 0, as in LlamaGen's
+generate(), only image tokens 0 to N + 1 are guided (its prefill token and decode steps 0 to N); the rest take the
+conditional logits.
 
 Randomness comes in as uniform numbers, one per token: a token is drawn by inverting the cumulative
 distribution at its number. The seeding rule of a request (`request_seed`, `image_uniforms`): image i
@@ -136,8 +137,7 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
 
     def pick(logits: torch.Tensor, t: int) -> None:
         if use_cfg:
-            in_interval = params.cfg_interval < 0 or t <= params.cfg_interval
-            logits = guided(logits, params.cfg_scale) if in_interval else logits[:b]
+            logits = guided(logits, params.cfg_scale) if params.guides_token(t) else logits[:b]
         tokens[:, t] = sample_tokens(logits, params, uniforms[:, t])
         if callback is not None and ((t + 1) % callback_steps == 0 or t + 1 == n_tokens):
             callback(t + 1, tokens[:, :t + 1])
@@ -188,15 +188,14 @@ def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_
     hidden = refiner.hidden(*rows)
     # The head is linear without bias, so guiding the hidden states guides the logits.
     hidden = guided(hidden, params.cfg_scale) if use_cfg else hidden
-    return sample_within_clusters(hidden, coarse, refiner.output.weight, coarse_of_fine.to(coarse.device), params,
-                                  uniforms)
+    return sample_within_clusters(refiner, hidden, coarse, coarse_of_fine.to(coarse.device), params, uniforms)
 
 
-def sample_within_clusters(hidden: torch.Tensor, coarse: torch.Tensor, head: torch.Tensor, coarse_of_fine: torch.Tensor,
+def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor, coarse_of_fine: torch.Tensor,
                            params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
     """Fine tokens [B, T]: at each position, sampled (by its number in uniforms [B, T]) from the softmax
-    over its cluster's members of `hidden @ head.T`. Only the members' logits are computed (cluster by
-    cluster), not all V of them: a cluster holds V / K codewords on average."""
+    over its cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the members' logits
+    are computed (cluster by cluster), not all V of them: a cluster holds V / K codewords on average."""
     flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
     members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
     bounds = torch.cumsum(torch.bincount(coarse_of_fine, minlength=int(coarse_of_fine.max()) + 1), 0).tolist()
@@ -205,6 +204,6 @@ def sample_within_clusters(hidden: torch.Tensor, coarse: torch.Tensor, head: tor
     fine = torch.empty_like(flat_coarse)
     for cluster, positions in zip(clusters.tolist(), order.split(counts.tolist())):
         ids = members[(bounds[cluster - 1] if cluster else 0):bounds[cluster]]
-        logits = (flat_hidden[positions] @ head[ids].T).float()
+        logits = refiner.member_logits(flat_hidden[positions], ids)
         fine[positions] = ids[sample_tokens(logits, params, flat_uniforms[positions])]
     return fine.view_as(coarse)

@@ -32,14 +32,16 @@ def finite_number(value, what: str) -> float:
 @dataclass(frozen=True)
 class SamplingParams:
     """How one stage turns logits into tokens. The defaults change nothing: no temperature, no filter,
-    no guidance. `cfg_interval` applies to the autoregressive stages only (stage 1, the baseline)."""
+    no guidance. `cfg_interval` applies to the autoregressive stages only (stage 1, the baseline): N >= 0 guides
+    image tokens 0 to N + 1, the first N + 2, exactly as LlamaGen's `generate(cfg_interval=N)`; -1 guides all."""
 
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 takes the most likely token"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = off)"})
     top_p: float = field(default=1.0, metadata={
         "help": "sample among the most likely tokens whose probabilities add up to p (1 = off)"})
     cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1 = off)"})
-    cfg_interval: int = field(default=-1, metadata={"help": "guide tokens 0 to N only (-1 = all)"})
+    cfg_interval: int = field(default=-1, metadata={
+        "help": "guide image tokens 0 to N+1 only (the first N+2), as LlamaGen's cfg_interval (-1 = all)"})
 
     def __post_init__(self):
         checked = {"temperature": finite_number(self.temperature, "temperature"),
@@ -59,6 +61,12 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return self.cfg_scale > 1.0
+
+    def guides_token(self, t: int) -> bool:
+        """Whether image token t (from 0) is sampled with guidance, where guidance is on. LlamaGen's generate()
+        guides its prefill token (token 0) and then decode steps i = 0 .. cfg_interval, which sample tokens
+        1 .. cfg_interval + 1; kept as it is, so that a LlamaGen config means the same here."""
+        return self.cfg_interval < 0 or t <= self.cfg_interval + 1
 
 
 # What a pipeline samples with unless told otherwise: guided stage 1 (or baseline), plain stage 2, 64 images a batch.

@@ -5,8 +5,8 @@
     stage2    refiner: class + coarse grid -> fine tokens   per-position cross-entropy, one pass
 
 LlamaGen's defaults (AdamW lr 1e-4, wd 0.05, betas 0.9/0.95, clip 1.0, class dropout 0.1), bf16
-autocast, gradient accumulation, optional EMA, held-out loss/accuracy, a JSONL metrics log and
-atomic checkpoints every N steps and on SIGTERM/SIGINT. The data order, the flip view of every
+autocast, gradient accumulation, optional EMA, held-out loss/accuracy; the run's frame (`run.py`) keeps a JSONL
+metrics log and atomic checkpoints every N steps and on SIGTERM/SIGINT. The data order, the flip view of every
 item and all dropout masks depend only on (seed, step) and the saved RNG state, so `--resume`
 continues exactly. Runs alone or under torchrun: DDP, or with --fsdp FSDP2 (parameters, gradients,
 optimizer state and EMA sharded over the processes). Checkpoints always hold full tensors, so they
@@ -15,48 +15,28 @@ are the same with and without FSDP and with any number of processes.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from .batches import StepBatchSampler
-from .checkpoint import (
-    capture_rng,
-    check_optimizer_state,
-    check_weight_shapes,
-    is_run_dir,
-    load_train_state,
-    load_weights,
-    restore_rng,
-    save_checkpoint,
-)
 from .clustering import CoarseMap
 from .codes import CodeDataset
-from .distributed import Runtime, all_reduce_sum, barrier, launched
+from .distributed import Runtime, all_reduce_sum, launched
 from .errors import CtfgenError
-from .models.gpt import GPT, TransformerBlock, gpt_config
+from .models.blocks import TransformerBlock
+from .models.gpt import GPT, gpt_config
 from .models.refiner import Refiner, refiner_config
 from .precision import autocast_context
+from .run import TrainingRun
 from .schedule import LR_SCHEDULES, learning_rate
-from .tokenizer.train import StopFlag
-from .validation import check_options, check_output
 
 STAGES = ("baseline", "stage1", "stage2")
 
@@ -159,6 +139,18 @@ def gradient_sync(train_model, last_micro_step: bool):
     return nullcontext() if last_micro_step or not hasattr(train_model, "no_sync") else train_model.no_sync()
 
 
+def step_micro_batches(data: StageData, sampler: StepBatchSampler, step: int, n_views: int, cfg: TrainConfig,
+                       device: torch.device) -> list:
+    """This process's share of step `step`'s batch as cfg.grad_accum micro-batches of (inputs, labels, targets) on
+    `device`. The items and the stored view of each (the image or its mirror) depend only on (seed, step)."""
+    batch = sampler.global_indices(step)
+    views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    local = sampler.local_slice()
+    index, views = batch[local], views[local]
+    return [tuple(t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
+            for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum))]
+
+
 def train_step(train_model, model, optimizer, micro_batches: list, cfg: TrainConfig, device: torch.device):
     """One optimizer step over micro-batches of (inputs, labels, targets); returns (mean loss, grad norm).
     `train_model` is what the forward runs through (compiled, DDP- or FSDP-wrapped), `model` the module."""
@@ -188,7 +180,7 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
     was_training = model.training
     model.eval()
     n = min(cfg.eval_items, len(data.codes))
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # NCCL reduces device tensors only
     mine = torch.arange(runtime.rank, n, runtime.world_size)
     # As many batches on every rank: under FSDP each forward is a collective.
     for index in mine.tensor_split(-(-n // (runtime.world_size * batch_size))):
@@ -196,7 +188,8 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
         inputs, labels, targets = (t.to(runtime.device) for t in (inputs, labels, targets))
         with autocast_context(cfg.precision, runtime.device):
             loss, correct = stage_loss(model, inputs, labels, targets)
-        totals += torch.tensor([float(loss) * targets.numel(), float(correct), targets.numel()], dtype=torch.float64)
+        totals += torch.tensor([float(loss) * targets.numel(), float(correct), targets.numel()], dtype=torch.float64,
+                               device=runtime.device)
     all_reduce_sum(totals, runtime)
     model.train(was_training)
     return {"eval_loss": float(totals[0] / totals[2]), "eval_acc": float(totals[1] / totals[2])}
@@ -204,14 +197,13 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
 
 def train(cfg: TrainConfig) -> dict:
     with launched(cfg.device) as runtime:
-        return _train(cfg, runtime)
+        return train_in(cfg, runtime)
 
 
-def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
-    check_options(cfg)
-    check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
-    out, device = Path(cfg.out), runtime.device
-    ckpt_dir = out / "checkpoint"
+def train_in(cfg: TrainConfig, runtime: Runtime) -> dict:
+    """The run of `cfg` on this process of `runtime` (all of it in a single process)."""
+    run = TrainingRun(cfg, runtime, cfg.stage, snapshot_every=cfg.snapshot_every)
+    device = runtime.device
     coarse_map = CoarseMap.load(cfg.map) if cfg.map else None
     data = StageData(cfg.stage, CodeDataset(cfg.codes, coarse_map), coarse_map)
     eval_data = StageData(cfg.stage, CodeDataset(cfg.eval_codes, coarse_map), coarse_map) if cfg.eval_codes else None
@@ -222,6 +214,14 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                           f"x {cfg.grad_accum} accumulation steps")
     if eval_data is not None and min(cfg.eval_items, len(eval_data.codes)) < runtime.world_size:
         raise CtfgenError(f"--eval-items must be at least the number of processes ({runtime.world_size})")
+    n_views = data.codes.manifest["views"]
+    if cfg.views:
+        if not 1 <= cfg.views <= n_views:
+            raise CtfgenError(f"--views {cfg.views}: {cfg.codes} stores {n_views} view(s) of each image")
+        n_views = cfg.views
+    sampler = StepBatchSampler(len(data.codes), cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
+                               world_size=runtime.world_size)
+
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, data).to(device)
     train_model = wrap_for_training(model, cfg, runtime)  # FSDP shards `model` in place: wrap before the optimizer
@@ -231,94 +231,41 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                                   fused=True)
     # The EMA has the layout of the weights: sharded like them under FSDP (the update is elementwise).
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
-    start_step = 0
-    if cfg.resume:
-        state, ema = load_full_state(ckpt_dir, model, optimizer, ema)
-        start_step = int(state["step"])
-        restore_rng(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
-    else:
-        if runtime.is_main and (ckpt_dir / "train_state.pt").exists():
-            raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = run.start(model, optimizer, extra_state=lambda: {} if ema is None else {"ema": full_tensors(ema)})
+    if saved is None:
         torch.manual_seed(cfg.seed * 1000 + runtime.rank + 1)  # dropout masks differ between ranks
-    if start_step >= cfg.steps:
-        raise CtfgenError(f"the run in {cfg.out} already reached step {start_step} of {cfg.steps}; raise --steps")
+    elif ema is not None and "ema" in saved:
+        ema = {k: load_like(saved["ema"][k], v) for k, v in ema.items()}
 
-    sampler = StepBatchSampler(len(data.codes), cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
-                               world_size=runtime.world_size)
-    n_views = data.codes.manifest["views"]
-    if cfg.views:
-        if not 1 <= cfg.views <= n_views:
-            raise CtfgenError(f"--views {cfg.views}: {cfg.codes} stores {n_views} view(s) of each image")
-        n_views = cfg.views
-    metrics_file = out / "metrics.jsonl"
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    model_config = model.config.to_dict()
-
-    def save(step: int, snapshot: bool = False):
-        rng = [capture_rng()]
-        if runtime.distributed:
-            gathered = [None] * runtime.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        full = full_state(model, optimizer, ema, runtime)  # every rank takes part; rank 0 gets it
-        if runtime.is_main:
-            weights, state = full
-            # What model.save_pretrained writes, with the full weights (its state_dict() is sharded under FSDP).
-            config = {"kind": model.checkpoint_kind, "model": model_config, "train": asdict(cfg), "step": step,
-                      "stage": cfg.stage}
-            save_checkpoint(ckpt_dir, config, weights, train_state=state | {"step": step, "rng": rng})
-            if snapshot:  # weights only: for scoring the run's progress afterwards, not for resuming
-                save_checkpoint(out / "snapshots" / f"step_{step:07d}", config, weights)
-        barrier(runtime)
-
-    stop = StopFlag()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.stage, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and runtime.is_main))
     model.train()
     tokens_per_step = cfg.batch_size * data.block_size
-    last, tic, step = {}, time.perf_counter(), start_step
-    for step in range(start_step, cfg.steps):
-        batch = sampler.global_indices(step)
-        views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-        local = sampler.local_slice()
-        index, views = batch[local], views[local]
-        lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [tuple(t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
-                         for micro_index, micro_views in zip(index.chunk(cfg.grad_accum), views.chunk(cfg.grad_accum))]
-        total_loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, cfg, device)
-        if ema is not None:
-            with torch.no_grad():
-                for name, value in model.state_dict().items():
-                    ema[name].lerp_(value.float(), 1 - cfg.ema)
+    last, tic = {}, time.perf_counter()
+    with run:
+        for step in range(run.start_step, cfg.steps):
+            lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = step_micro_batches(data, sampler, step, n_views, cfg, device)
+            total_loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, cfg, device)
+            if ema is not None:
+                with torch.no_grad():
+                    for name, value in model.state_dict().items():
+                        ema[name].lerp_(value.float(), 1 - cfg.ema)
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean_loss = float(all_reduce_sum(total_loss.clone(), runtime)) / runtime.world_size
-            elapsed = time.perf_counter() - tic
-            last = {"step": step + 1, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
-                    "tokens_per_s": tokens_per_step * cfg.log_every / elapsed}
-            tic = time.perf_counter()
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            last |= {"step": step + 1, **held_out_metrics(model, eval_data, cfg, runtime)}  # uncompiled, unwrapped
-        if last.get("step") == step + 1 and runtime.is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.update(1)
-        stop_now = stop.raised
-        if runtime.distributed:
-            stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now)), runtime) > 0)
-        snapshot = cfg.snapshot_every > 0 and (step + 1) % cfg.snapshot_every == 0
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now or snapshot:
-            save(step + 1, snapshot)
-        if stop_now:
-            break
-    bar.close()
-    stop.restore()
-    return {**last, "step": step + 1, "checkpoint": str(ckpt_dir), "config": model_config}
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                mean_loss = float(all_reduce_sum(total_loss.clone(), runtime)) / runtime.world_size
+                elapsed = time.perf_counter() - tic
+                last = {"step": step + 1, "loss": mean_loss, "grad_norm": float(grad_norm), "lr": lr,
+                        "tokens_per_s": tokens_per_step * cfg.log_every / elapsed}
+                tic = time.perf_counter()
+                run.show(loss=f"{mean_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if eval_data is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                last |= {"step": step + 1, **held_out_metrics(model, eval_data, cfg, runtime)}  # uncompiled, unwrapped
+            if last.get("step") == step + 1:
+                run.log(last)
+            if run.end_step(step + 1):
+                break
+    return {**last, "step": step + 1, "checkpoint": str(run.checkpoint_dir), "config": model.config.to_dict()}
 
 
 def wrap_for_training(model, cfg: TrainConfig, runtime: Runtime):
@@ -336,47 +283,13 @@ def wrap_for_training(model, cfg: TrainConfig, runtime: Runtime):
     return fully_shard(model, mesh=mesh)
 
 
-# Checkpoints hold full tensors and number the optimizer's parameters as `optimizer.state_dict()` does,
-# whether the run is sharded (FSDP) or not, so either kind of run resumes the other's checkpoints.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def full_tensors(tensors: dict) -> dict:
+    """Tensors (possibly FSDP shards) as full CPU tensors; every rank must call it: it gathers the shards."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in tensors.items()}
 
 
-def _param_names(model, optimizer) -> list[str]:
-    """Parameter names in the optimizer's order, i.e. `optimizer.state_dict()`'s numbering."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def _rekey(optim_state: dict, key: dict) -> dict:
-    """An optimizer state dict with its parameter keys mapped through `key` (numbers <-> names)."""
-    return {"state": {key[k]: v for k, v in optim_state["state"].items()},
-            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in optim_state["param_groups"]]}
-
-
-def full_state(model, optimizer, ema: dict | None, runtime: Runtime) -> tuple[dict, dict] | None:
-    """(weights, {"optimizer", "ema"}) as full CPU tensors on rank 0, None on the other ranks. Every rank must
-    call it: under FSDP it gathers the shards."""
-    weights = get_model_state_dict(model, options=FULL_STATE)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)  # keyed by parameter name
-    if ema is not None:
-        ema = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in ema.items()}
-    if not runtime.is_main:
-        return None
-    numbers = {name: i for i, name in enumerate(_param_names(model, optimizer))}
-    return weights, {"optimizer": _rekey(optim_state, numbers)} | ({"ema": ema} if ema is not None else {})
-
-
-def load_full_state(ckpt_dir: Path, model, optimizer, ema: dict | None) -> tuple[dict, dict | None]:
-    """Load a checkpoint written by `full_state` into the (sharded or plain) model, optimizer and EMA; returns
-    the training state and the EMA (kept fresh when the checkpoint has none)."""
-    state = load_train_state(ckpt_dir)
-    check_weight_shapes(model, ckpt_dir, resuming=True)
-    check_optimizer_state(state["optimizer"], optimizer, ckpt_dir)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_weights(ckpt_dir), options=options)
-    names = dict(enumerate(_param_names(model, optimizer)))
-    set_optimizer_state_dict(model, optimizer, _rekey(state["optimizer"], names), options=options)
-    if ema is not None and "ema" in state:
-        ema = {k: distribute_tensor(state["ema"][k].to(v.device), v.device_mesh, v.placements)
-               if isinstance(v, DTensor) else state["ema"][k].to(v.device) for k, v in ema.items()}
-    return state, ema
+def load_like(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full saved tensor laid out as `like`: on its device, and sharded like it when it is an FSDP shard."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(saved.to(like.device), like.device_mesh, like.placements)
+    return saved.to(like.device)

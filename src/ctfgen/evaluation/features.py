@@ -46,7 +46,6 @@ class FeatureNetwork:
     name: str = ""
     fingerprint: str = ""  # changes whenever the features could: keys the reference-statistics cache
     source: str = ""  # where the weights came from, for the report
-    has_spatial: bool = False
     labels_are_classes: bool = False  # argmax of probs is a class id of the data (per-class accuracy)
     precomputed_dims: tuple[int, int] | None = None  # (pool, spatial) sizes of ADM reference-batch statistics
     num_classes: int | None = None  # where labels_are_classes: how many, so that other labels are refused
@@ -98,7 +97,6 @@ class ClassifierFeatures(FeatureNetwork):
     """The project's Fashion-MNIST CNN: 128-d penultimate features, 10-way softmax, 448-d spatial."""
 
     name = "fmnist"
-    has_spatial = True
     labels_are_classes = True
 
     def __init__(self, directory, device: str | torch.device = "cpu"):
@@ -125,7 +123,7 @@ class ClassifierFeatures(FeatureNetwork):
 
 # --- Inception-v3 (torch-fidelity) ----------------------------------------------------------------
 
-def _inception_class():
+def inception_extractor_class():
     """torch-fidelity's FeatureExtractorInceptionV3, imported without torchvision if need be.
 
     torch-fidelity's package __init__ imports every extractor, some of which need torchvision; its
@@ -174,13 +172,12 @@ class InceptionFeatures(FeatureNetwork):
     branch, 17x17), flattened in (h, w, c) order as the ADM evaluator does: 2023 values."""
 
     name = "inception"
-    has_spatial = True
     labels_are_classes = False  # 1008 Inception classes, not the data's class ids
     precomputed_dims = (2048, 2023)  # an ADM reference batch's mu / mu_s were made with this network
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         path = inception_weights_path(weights)
-        extractor = _inception_class()
+        extractor = inception_extractor_class()
         try:  # check the file holds only tensors before torch-fidelity reads it (weights_only=False there)
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -194,9 +191,7 @@ class InceptionFeatures(FeatureNetwork):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.source = str(path)
-        version = getattr(sys.modules.get("torch_fidelity.version"), "__version__", "?")
         self.fingerprint = "inception-" + file_digest(path, extra="torch-fidelity-inception-v3-compat")
-        self.library = f"torch-fidelity {version}"
         self._spatial = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 

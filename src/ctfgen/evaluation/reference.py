@@ -63,10 +63,10 @@ def fmnist_uint8(split: str, data_dir=None, index=None, chunk: int = 2000) -> tu
 
 
 def fmnist_fingerprint(split: str, data_dir=None) -> str:
-    from ..data import FMNIST_FILES, FMNIST_PAD, _find_idx, fmnist_dir
+    from ..data import FMNIST_FILES, FMNIST_PAD, find_idx, fmnist_dir
 
     root = fmnist_dir(data_dir)
-    digests = [file_digest(_find_idx(root, stem)) for stem in FMNIST_FILES[split]]
+    digests = [file_digest(find_idx(root, stem)) for stem in FMNIST_FILES[split]]
     return hashlib.sha256(f"fmnist-{split}-pad{FMNIST_PAD}-{'-'.join(digests)}".encode()).hexdigest()[:16]
 
 

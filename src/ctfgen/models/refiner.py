@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .gpt import MODEL_SHAPES, ClassConditionalTransformer, GPTConfig, _from_preset
+from .gpt import MODEL_SHAPES, ClassConditionalTransformer, GPTConfig, config_from_preset
 
 CHECKPOINT_KIND = "refiner"
 
@@ -34,8 +33,8 @@ def refiner_config(preset: str, coarse_vocab_size: int, vocab_size: int, block_s
                    **overrides) -> RefinerConfig:
     """A preset's shape (the GPT's names: "GPT-B", ..., "GPT-S", "GPT-tiny") for K coarse labels in,
     V fine tokens out."""
-    return _from_preset(REFINER_PRESETS, preset, coarse_vocab_size=coarse_vocab_size, vocab_size=vocab_size,
-                        block_size=block_size, num_classes=num_classes, **overrides)
+    return config_from_preset(REFINER_PRESETS, preset, coarse_vocab_size=coarse_vocab_size, vocab_size=vocab_size,
+                              block_size=block_size, num_classes=num_classes, **overrides)
 
 
 class Refiner(ClassConditionalTransformer):
@@ -47,16 +46,14 @@ class Refiner(ClassConditionalTransformer):
 
     def hidden(self, coarse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The normalised last hidden states [B, T, dim] of the grid positions: what the output head reads.
-        Sampling within clusters multiplies them by the members' rows of the head only."""
-        t = coarse.shape[1]
-        if not 1 <= t <= self.config.block_size:
-            raise ValueError(f"Refiner got {t} tokens per sample; it takes 1 to block_size={self.config.block_size}")
-        h = torch.cat([self.cls_embedding(labels, train=self.training), self.tok_embeddings(coarse)], dim=1)
-        h = self.tok_dropout(h)
-        freqs_cis = self.rope.freqs_cis[: t + 1]
-        for layer in self.layers:
-            h = layer(h, freqs_cis)
-        return self.norm(h[:, 1:])  # drop the class-token position
+        Sampling within clusters turns them into the logits of a cluster's members only (`member_logits`)."""
+        self.check_length(coarse.shape[1])
+        return self.norm(self.hidden_states(labels, coarse)[:, 1:])  # without the class-token position
+
+    def member_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits of the fine tokens token_ids [n] at hidden states [..., dim] (from `hidden`): [..., n],
+        those columns of the full logits, at the cost of n of the vocab_size output rows."""
+        return (hidden @ self.output.weight[token_ids].T).float()
 
     def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
         """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole
@@ -66,11 +63,7 @@ class Refiner(ClassConditionalTransformer):
         position t given the class and the WHOLE coarse grid. With targets [B, T] (the fine tokens),
         loss is the mean cross-entropy (ignore_index -100). Class dropout applies in training mode.
         """
-        logits = self.output(self.hidden(coarse, labels)).float()
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        return self.logits_and_loss(self.hidden(coarse, labels), targets)
 
 
 __all__ = ["Refiner", "RefinerConfig", "REFINER_PRESETS", "refiner_config"]

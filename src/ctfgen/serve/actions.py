@@ -22,7 +22,7 @@ from ..request import check_sampling, check_stage2
 from ..reroll import coarse_of_images, image_size, read_image, reroll_grid
 from ..sampling_params import SamplingParams, whole_number
 from .batcher import Batcher, Progress, Request
-from .views import grid_image, progress_pixels, scaled
+from .views import grid_image, progress_pixels
 
 MODES = {"CTF": ("ctf",), "Baseline": ("baseline",), "Both": ("ctf", "baseline")}
 TITLES = {"ctf": "CTF", "baseline": "baseline"}
@@ -173,7 +173,7 @@ class Demo:
         with self.batcher.pipeline() as pipe:
             out = pipe.variations(coarse, labels, n=n, stage2_sampling=stage2, seed=seed, output_type="pt")
             previews = pipe.decode_preview(coarse)
-        grid = scaled(reroll_grid(originals, previews, out.images))
+        grid = reroll_grid(originals, previews, out.images)
         path = Path(tempfile.mkdtemp(dir=self._files)) / "variations.npz"
         np.savez(path, images=out.images.permute(0, 2, 3, 1).numpy(), labels=out.labels.numpy(),
                  tokens=out.tokens.numpy(), coarse=out.coarse.numpy())

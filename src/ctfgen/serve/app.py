@@ -19,9 +19,11 @@ Stage 1 predicts a **coarse label** (a cluster of similar codewords) for each of
 at a time; the preview decodes each label as its cluster's mean codeword while it runs. Stage 2 then picks every
 fine token within its cluster in **one** pass. The baseline predicts the fine tokens one at a time."""
 
+# Images come at their true size (32x32 samples); the browser scales them up, each pixel a sharp block.
+CSS = ".pixels img { image-rendering: pixelated; }"
 # No share link, nothing that phones home; errors as messages on the page.
 LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
-                      run_history=False, show_error=True, footer_links=[])
+                      run_history=False, show_error=True, footer_links=[], css=CSS)
 
 
 def build_app(demo: Demo):
@@ -54,7 +56,8 @@ def build_app(demo: Demo):
 
     def image_view(label, elem_id, visible=True):
         # PNG, not gradio's default WebP: the page shows the sampler's exact pixels
-        return gr.Image(label=label, format="png", type="pil", interactive=False, elem_id=elem_id, visible=visible)
+        return gr.Image(label=label, format="png", type="pil", interactive=False, height=300, elem_id=elem_id,
+                        elem_classes="pixels", visible=visible)
 
     with gr.Blocks(title="ctfgen: coarse-to-fine generation", analytics_enabled=False) as app:
         gr.Markdown(INTRO.format(tokens=pipe.grid ** 2))

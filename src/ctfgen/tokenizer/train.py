@@ -8,33 +8,22 @@ continues exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
-import json
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..batches import StepBatchSampler
-from ..checkpoint import (
-    capture_rng,
-    check_optimizer_state,
-    check_weight_shapes,
-    is_run_dir,
-    load_train_state,
-    load_weights,
-    restore_rng,
-)
+from ..checkpoint import check_optimizer_state
 from ..data import collate_images, load_dataset
-from ..distributed import Runtime, all_reduce_sum, barrier, broadcast, launched
+from ..distributed import Runtime, all_reduce_sum, broadcast, launched
 from ..errors import CtfgenError
 from ..precision import autocast_context
+from ..run import TrainingRun
 from ..schedule import learning_rate
-from ..validation import check_options, check_output
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .model import VQ_PRESETS, VQConfig, VQModel
 
@@ -69,7 +58,7 @@ class TokenizerTrainConfig:
     progress: bool = True
 
 
-def _build_model(cfg: TokenizerTrainConfig) -> VQModel:
+def build_model(cfg: TokenizerTrainConfig) -> VQModel:
     if cfg.model not in VQ_PRESETS:
         raise CtfgenError(f"unknown tokenizer preset {cfg.model!r}; choose one of {', '.join(VQ_PRESETS)}")
     preset = VQ_PRESETS[cfg.model].to_dict()
@@ -99,150 +88,98 @@ def restart_dead_codes(model: VQModel, usage: torch.Tensor, latents: torch.Tenso
     return n_dead
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT so the loop can checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def restore(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     with launched(cfg.device) as runtime:
-        return _train(cfg, runtime)
+        return train_in(cfg, runtime)
 
 
-def _train(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
-    check_options(cfg)
-    out = check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
-    ckpt_dir = out / "checkpoint"
+def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
+    """The run of `cfg` on this process of `runtime` (all of it in a single process)."""
+    run = TrainingRun(cfg, runtime, "tokenizer")
     torch.manual_seed(cfg.seed + runtime.rank)
-    model = _build_model(cfg).to(runtime.device)
+    model = build_model(cfg).to(runtime.device)
     dataset = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, image_size=cfg.image_size,
                            flip=cfg.data != "fmnist")
     disc = PatchDiscriminator().to(runtime.device) if cfg.gan_weight > 0 else None
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(model.parameters(), **opt_args)
     disc_optimizer = torch.optim.AdamW(disc.parameters(), **opt_args) if disc else None
-    start_step = 0
-    if cfg.resume:
-        state = load_train_state(ckpt_dir)
-        check_weight_shapes(model, ckpt_dir, resuming=True)
-        check_optimizer_state(state["optimizer"], optimizer, ckpt_dir)
-        model.load_state_dict(load_weights(ckpt_dir))
-        optimizer.load_state_dict(state["optimizer"])
-        if disc:
-            if not isinstance(state.get("discriminator"), dict) or not isinstance(state.get("disc_optimizer"), dict):
-                raise CtfgenError(f"{ckpt_dir} was trained without a discriminator; resume it without --gan-weight")
-            check_optimizer_state(state["disc_optimizer"], disc_optimizer, ckpt_dir)
-            try:
-                disc.load_state_dict(state["discriminator"])
-            except RuntimeError as e:
-                raise CtfgenError(f"{ckpt_dir}: the saved discriminator does not fit ({str(e).splitlines()[0]})") \
-                    from None
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        start_step = int(state["step"])
-        restore_rng(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
-    elif runtime.is_main and (ckpt_dir / "train_state.pt").exists():
-        raise CtfgenError(f"{ckpt_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if start_step >= cfg.steps:
-        raise CtfgenError(f"the run in {cfg.out} already reached step {start_step} of {cfg.steps}; raise --steps")
-    train_model = DDP(model, broadcast_buffers=False) if runtime.distributed else model
-    train_disc = DDP(disc, broadcast_buffers=False) if disc and runtime.distributed else disc
-
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step,
+    saved = run.start(model, optimizer, extra_state=lambda: {} if disc is None else {
+        "discriminator": disc.state_dict(), "disc_optimizer": disc_optimizer.state_dict()})
+    if saved is not None and disc is not None:
+        load_discriminator(disc, disc_optimizer, saved, run.checkpoint_dir)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=run.start_step,
                                end_step=cfg.steps, rank=runtime.rank, world_size=runtime.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.num_workers)
+    train_model = DDP(model, broadcast_buffers=False) if runtime.distributed else model
+    train_disc = DDP(disc, broadcast_buffers=False) if disc and runtime.distributed else disc
     usage = torch.zeros(model.config.codebook_size, device=runtime.device)
-    restart_generator = torch.Generator().manual_seed(cfg.seed + start_step)
-    metrics_file = out / "metrics.jsonl"
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    stop = StopFlag()
+    restart_generator = torch.Generator().manual_seed(cfg.seed + run.start_step)
 
-    def save(step: int):
-        rng = [capture_rng()]
-        if runtime.distributed:
-            gathered = [None] * runtime.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rng}
-            if disc:
-                state |= {"discriminator": disc.state_dict(), "disc_optimizer": disc_optimizer.state_dict()}
-            model.save_pretrained(ckpt_dir, train_state=state, extra={"train": asdict(cfg), "step": step})
-        barrier(runtime)
-
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="tokenizer", unit="step",  # None: not on a non-terminal
-               disable=None if cfg.progress and runtime.is_main else True, dynamic_ncols=True)
-    step, last = start_step, {}
+    last = {}
     tic = time.perf_counter()
-    for step, (images, _, _) in enumerate(loader, start=start_step):
-        images = images.to(runtime.device, non_blocking=True)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine")
-        with autocast_context(cfg.precision, runtime.device):
-            out_vq = train_model(images)
-        q = out_vq.quant
-        reconstruction = out_vq.reconstruction.float()
-        rec_loss = F.mse_loss(reconstruction, images)
-        loss = rec_loss + q.codebook_loss + q.commit_loss + q.entropy_loss
-        use_gan = disc is not None and step >= cfg.gan_start
-        if use_gan:
+    with run:
+        for step, (images, _, _) in enumerate(loader, start=run.start_step):
+            images = images.to(runtime.device, non_blocking=True)
+            lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             with autocast_context(cfg.precision, runtime.device):
-                loss = loss + cfg.gan_weight * generator_adv_loss(train_disc(reconstruction))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if use_gan:
-            with autocast_context(cfg.precision, runtime.device):
-                d_loss = hinge_d_loss(train_disc(images), train_disc(reconstruction.detach()))
-            disc_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_optimizer.step()
-
-        usage += torch.bincount(q.indices.flatten(), minlength=len(usage))
-        if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
-            all_reduce_sum(usage, runtime)
-            n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, restart_generator)
-            used_fraction = float((usage > 0).float().mean())
-            usage.zero_()
-            last["codebook_usage_window"] = used_fraction
-            last["restarted"] = n_restarted
-
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            with torch.no_grad():
-                mse = all_reduce_sum(rec_loss.detach().clone(), runtime) / runtime.world_size
-            psnr = float(10 * torch.log10(4.0 / mse))  # images span 2 units: [-1, 1]
-            elapsed = time.perf_counter() - tic
-            last |= {"step": step + 1, "loss": float(loss.detach()), "rec_mse": float(mse), "psnr_batch": psnr,
-                     "codebook_loss": float(q.codebook_loss.detach()), "commit_loss": float(q.commit_loss.detach()),
-                     "lr": learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, "cosine"),
-                     "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
+                out_vq = train_model(images)
+            q = out_vq.quant
+            reconstruction = out_vq.reconstruction.float()
+            rec_loss = F.mse_loss(reconstruction, images)
+            loss = rec_loss + q.codebook_loss + q.commit_loss + q.entropy_loss
+            use_gan = disc is not None and step >= cfg.gan_start
             if use_gan:
-                last["d_loss"] = float(d_loss)
-            tic = time.perf_counter()
-            if runtime.is_main:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                bar.set_postfix(psnr=f"{psnr:.2f}", usage=f"{last.get('codebook_usage_window', 0):.2f}")
-        bar.update(1)
-        stop_now = stop.raised
-        if runtime.distributed:  # every rank must agree to stop, or the next collective hangs
-            stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now)), runtime) > 0)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop_now:
-            save(step + 1)
-        if stop_now:
-            break
-    bar.close()
-    stop.restore()
-    return {**last, "step": step + 1, "checkpoint": str(ckpt_dir)}
+                with autocast_context(cfg.precision, runtime.device):
+                    loss = loss + cfg.gan_weight * generator_adv_loss(train_disc(reconstruction))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if use_gan:
+                with autocast_context(cfg.precision, runtime.device):
+                    d_loss = hinge_d_loss(train_disc(images), train_disc(reconstruction.detach()))
+                disc_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_optimizer.step()
+
+            usage += torch.bincount(q.indices.flatten(), minlength=len(usage))
+            if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
+                all_reduce_sum(usage, runtime)
+                n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, restart_generator)
+                used_fraction = float((usage > 0).float().mean())
+                usage.zero_()
+                last["codebook_usage_window"] = used_fraction
+                last["restarted"] = n_restarted
+
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                with torch.no_grad():
+                    mse = all_reduce_sum(rec_loss.detach().clone(), runtime) / runtime.world_size
+                psnr = float(10 * torch.log10(4.0 / mse))  # images span 2 units: [-1, 1]
+                elapsed = time.perf_counter() - tic
+                last |= {"step": step + 1, "loss": float(loss.detach()), "rec_mse": float(mse), "psnr_batch": psnr,
+                         "codebook_loss": float(q.codebook_loss.detach()), "commit_loss": float(q.commit_loss.detach()),
+                         "lr": lr, "images_per_s": cfg.log_every * cfg.batch_size / elapsed}
+                if use_gan:
+                    last["d_loss"] = float(d_loss.detach())
+                tic = time.perf_counter()
+                run.log(last)
+                run.show(psnr=f"{psnr:.2f}", usage=f"{last.get('codebook_usage_window', 0):.2f}")
+            if run.end_step(step + 1):
+                break
+    return {**last, "step": step + 1, "checkpoint": str(run.checkpoint_dir)}
+
+
+def load_discriminator(disc: PatchDiscriminator, disc_optimizer, saved: dict, checkpoint_dir) -> None:
+    """The discriminator and its optimizer state from a resumed run's training state."""
+    if not isinstance(saved.get("discriminator"), dict) or not isinstance(saved.get("disc_optimizer"), dict):
+        raise CtfgenError(f"{checkpoint_dir} was trained without a discriminator; resume it without --gan-weight")
+    check_optimizer_state(saved["disc_optimizer"], disc_optimizer, checkpoint_dir)
+    try:
+        disc.load_state_dict(saved["discriminator"])
+    except RuntimeError as e:
+        first_line = str(e).splitlines()[0]
+        raise CtfgenError(f"{checkpoint_dir}: the saved discriminator does not fit ({first_line})") from None
+    disc_optimizer.load_state_dict(saved["disc_optimizer"])

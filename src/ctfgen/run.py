@@ -1,0 +1,187 @@
+"""The frame of a training run, shared by the tokenizer's loop and the transformers' loop.
+
+A loop keeps only its own steps; what every run does around them is here, once:
+
+    run = TrainingRun(cfg, runtime, "stage1")   # options checked; an --out that is not a run of ours refused
+    saved = run.start(model, optimizer)         # --resume: the checkpoint into model, optimizer and this rank's
+                                                # RNG; else an --out that already holds a run is refused
+    with run:                                   # train_config.json written, SIGTERM/SIGINT caught, progress bar
+        for step in range(run.start_step, cfg.steps):
+            ...                                 # the loop's own step
+            run.log(metrics)                    # a line of metrics.jsonl
+            if run.end_step(step + 1):          # checkpoint every ckpt_every steps, at the last one and on a stop
+                break                           # SIGTERM/SIGINT on any rank: every rank stops after this step
+
+What a run leaves in --out: train_config.json (its options), metrics.jsonl, checkpoint/ (config.json: the model's
+kind and config, the run's options, the step; model.safetensors: the full weights; train_state.pt: the step, the
+RNG state of every rank, the optimizer state numbered as `optimizer.state_dict()` numbers it, and the loop's own
+entries) and, with `snapshot_every`, snapshots/step_N (weights only, for scoring the run's progress afterwards).
+The tensors are full whether the run is sharded (FSDP) or not, so either kind of run resumes the other's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm import tqdm
+
+from .checkpoint import (
+    RUN_CONFIG_NAME,
+    TRAIN_STATE_NAME,
+    capture_rng,
+    check_optimizer_state,
+    check_weight_shapes,
+    is_run_dir,
+    load_train_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+)
+from .distributed import Runtime, all_gather_object, any_rank, barrier
+from .errors import CtfgenError
+from .validation import check_options, check_output
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class TrainingRun:
+    """One training run of `cfg` (a config with out, steps, ckpt_every, resume, progress), named `name` on its
+    progress bar; `snapshot_every` > 0 also keeps the weights of every N-th step under snapshots/."""
+
+    def __init__(self, cfg, runtime: Runtime, name: str, snapshot_every: int = 0):
+        check_options(cfg)
+        self.out = check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
+        self.cfg, self.runtime, self.name, self.snapshot_every = cfg, runtime, name, snapshot_every
+        self.checkpoint_dir = self.out / "checkpoint"
+        self.start_step = 0
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              extra_state: Callable[[], dict] = dict) -> dict | None:
+        """Attach the model (plain, or sharded in place by FSDP) and its optimizer: every checkpoint saves them,
+        with the entries `extra_state()` returns (called on every rank at each save; rank 0's are saved). With
+        --resume, load the checkpoint's weights and optimizer state into them, restore this rank's RNG and
+        return the saved training state (for the loop's own entries); else refuse an --out that holds a run
+        and return None."""
+        self.model, self.optimizer, self.extra_state = model, optimizer, extra_state
+        saved = None
+        if self.cfg.resume:
+            saved = load_train_state(self.checkpoint_dir)
+            check_weight_shapes(model, self.checkpoint_dir, resuming=True)
+            check_optimizer_state(saved["optimizer"], optimizer, self.checkpoint_dir)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, load_weights(self.checkpoint_dir), options=options)
+            names = dict(enumerate(_param_names(model, optimizer)))
+            set_optimizer_state_dict(model, optimizer, _rekeyed(saved["optimizer"], names), options=options)
+            self.start_step = int(saved["step"])
+            restore_rng(saved["rng"][min(self.runtime.rank, len(saved["rng"]) - 1)])
+        elif self.runtime.is_main and (self.checkpoint_dir / TRAIN_STATE_NAME).exists():
+            raise CtfgenError(f"{self.checkpoint_dir} already holds a run; pass --resume to continue it or choose "
+                              f"another --out")
+        if self.start_step >= self.cfg.steps:
+            raise CtfgenError(f"the run in {self.cfg.out} already reached step {self.start_step} of {self.cfg.steps}; "
+                              f"raise --steps")
+        return saved
+
+    def __enter__(self) -> TrainingRun:
+        if self.runtime.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        self._stop = StopFlag()
+        self._bar = tqdm(total=self.cfg.steps, initial=self.start_step, desc=self.name, unit="step",
+                         dynamic_ncols=True, disable=not (self.cfg.progress and self.runtime.is_main))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+        self._stop.restore()
+
+    def log(self, metrics: dict) -> None:
+        """Append one line to metrics.jsonl (rank 0 writes it)."""
+        if self.runtime.is_main:
+            with (self.out / METRICS_NAME).open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def show(self, **figures) -> None:
+        """Figures beside the progress bar."""
+        self._bar.set_postfix(**figures)
+
+    def end_step(self, step: int) -> bool:
+        """After step `step` (counted from 1) on every rank: advance the progress bar, agree whether to stop
+        (SIGTERM/SIGINT on any rank), checkpoint every ckpt_every steps, at the last step, on a stop and at
+        snapshots. True: stop now."""
+        self._bar.update(1)
+        stop = any_rank(self._stop.raised, self.runtime)  # all ranks stop together, or the next collective hangs
+        snapshot = self.snapshot_every > 0 and step % self.snapshot_every == 0
+        if step % self.cfg.ckpt_every == 0 or step == self.cfg.steps or stop or snapshot:
+            self.save(step, snapshot)
+        return stop
+
+    def save(self, step: int, snapshot: bool = False) -> None:
+        """Write checkpoint/ (and with `snapshot` snapshots/step_N) atomically. Every rank must call it: the RNG
+        states are gathered, and under FSDP the shards."""
+        rng = all_gather_object(capture_rng(), self.runtime)
+        full = full_state(self.model, self.optimizer, self.runtime)
+        extra = self.extra_state()
+        if self.runtime.is_main:
+            weights, optimizer_state = full
+            config = {"kind": self.model.checkpoint_kind, "model": asdict(self.model.config),
+                      "train": asdict(self.cfg), "step": step}
+            train_state = {"optimizer": optimizer_state, **extra, "step": step, "rng": rng}
+            save_checkpoint(self.checkpoint_dir, config, weights, train_state=train_state)
+            if snapshot:
+                save_checkpoint(self.out / "snapshots" / f"step_{step:07d}", config, weights)
+        barrier(self.runtime)
+
+
+# Full tensors on the CPU of rank 0, whether the module is sharded (FSDP) or not.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """Parameter names in the optimizer's order, i.e. `optimizer.state_dict()`'s numbering."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekeyed(optimizer_state: dict, key: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through `key` (numbers <-> names)."""
+    return {"state": {key[k]: v for k, v in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in optimizer_state["param_groups"]]}
+
+
+def full_state(model, optimizer, runtime: Runtime) -> tuple[dict, dict] | None:
+    """(weights, optimizer state numbered as `optimizer.state_dict()`) as full CPU tensors on rank 0, None on the
+    other ranks. Every rank must call it: under FSDP it gathers the shards."""
+    weights = get_model_state_dict(model, options=FULL_STATE)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)  # keyed by parameter name
+    if not runtime.is_main:
+        return None
+    numbers = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    return weights, _rekeyed(optimizer_state, numbers)
+

@@ -1,0 +1,49 @@
+"""One sampling request shared out over the processes of torchrun (as DiT's sample_ddp.py), with one process's output.
+
+Each process samples whole batches of the request, batch rank, rank + W, ... of a single process's batches, each
+image with the (seed, index) pair it has in the whole request; rank 0 gathers the batches round by round, in a
+single process's order. A batch holds the same images in the same shape as in a single process, so the result is
+the same bit for bit (on the same kind of device, with the same settings and batch size), not only in distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+from tqdm import tqdm
+
+from .distributed import Runtime, gather_in_order, round_robin_batches
+from .pipeline import CTFPipeline
+from .request import PipelineOutput
+from .sampling import image_seeds
+from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
+
+
+def sample_sharded(pipe: CTFPipeline, classes, runtime: Runtime, *, per_class: int = 1, mode: str = "ctf",
+                   sampling: SamplingParams = STAGE1_DEFAULTS, stage2_sampling: SamplingParams = STAGE2_DEFAULTS,
+                   restrict: bool = True, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, preview: bool = False,
+                   progress: bool = False) -> PipelineOutput | None:
+    """`pipe(classes, ..., output_type="pt")` with these arguments, computed by all the processes of `runtime`
+    together: its output on rank 0, None on the others. `seed` is an int, the same in every process."""
+    labels = [c for c in pipe.class_ids(classes) for _ in range(whole_number(per_class, "per_class", 1))]
+    pipe.check_settings(mode, sampling, stage2_sampling, preview)  # in every process, also those left without a batch
+    seeds = image_seeds(whole_number(seed, "seed", 0), len(labels))
+    batch_size = whole_number(batch_size, "batch_size", 1)
+    settings = dict(mode=mode, sampling=sampling, stage2_sampling=stage2_sampling, restrict=restrict,
+                    batch_size=batch_size, preview=preview, output_type="pt")
+    parts = []
+    batches = round_robin_batches(len(labels), batch_size, runtime)
+    for batch in tqdm(batches, desc="sample", unit="round", disable=None if progress and runtime.is_main else True):
+        part = None if batch is None else pipe([labels[i] for i in batch], seed=[seeds[i] for i in batch], **settings)
+        parts += gather_in_order(part, runtime)
+    return concatenate(parts) if runtime.is_main else None
+
+
+def concatenate(parts: list[PipelineOutput]) -> PipelineOutput:
+    """The outputs ("pt") of consecutive parts of a request as the output of the whole."""
+    def joined(name):
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return PipelineOutput(**{f.name: joined(f.name) for f in fields(PipelineOutput)})
