@@ -333,6 +333,19 @@ def test_index_naming_a_missing_part_is_refused(pipe, tmp_path):
         CTFPipeline.from_pretrained(tmp_path / "pipe")
 
 
+def test_index_naming_a_part_outside_the_folder_is_refused(pipe, tmp_path):
+    import json
+
+    pipe.save_pretrained(tmp_path / "elsewhere", dtype=None)  # a real part, but not inside the pipeline
+    pipe.save_pretrained(tmp_path / "pipe", dtype=None)
+    index_path = tmp_path / "pipe" / "pipeline.json"
+    index = json.loads(index_path.read_text())
+    index["parts"]["stage2"] = "../elsewhere/stage2"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CtfgenError, match="outside the pipeline's folder"):
+        CTFPipeline.from_pretrained(tmp_path / "pipe")
+
+
 def test_evaluation_scores_the_images_that_sample_draws(pipe, pipe_dir, tmp_path, monkeypatch):
     from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 

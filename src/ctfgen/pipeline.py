@@ -111,6 +111,9 @@ class CTFPipeline:
             raise CtfgenError(f"{index_path} is not a valid pipeline index; rewrite it with `ctfgen assemble`") \
                 from None
         for name, path in paths.items():
+            if not path.resolve().is_relative_to(directory.resolve()):  # a pipeline is one folder: no ../ escapes
+                raise CtfgenError(f"{index_path} names {name} at {path}, outside the pipeline's folder; keep every "
+                                  f"part inside it (rewrite the index with `ctfgen assemble`)")
             if not path.exists():
                 raise CtfgenError(f"{index_path} names {name} at {path}, which does not exist")
         if "tokenizer" not in paths:
