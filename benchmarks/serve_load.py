@@ -7,7 +7,7 @@ asks for --images images of class i % 10 with seed i. Reports requests/s, images
 and checks every answer against the first serial answer to the same request: no request lost, none answered
 with another's images. Bounded: at most 64 requests, 10 repeats, and --timeout seconds for each request.
 
-    python benchmarks/serve_load.py --pipeline pretrained/fmnist --requests 16 --images 4 --json
+    python benchmarks/serve_load.py --pipeline pretrained/fmnist --requests 16 --images 4 --threads 1 --json
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(pipeline: str, port: int, requests: int, images: int, log) -> subprocess.Popen:
+def start_server(pipeline: str, port: int, requests: int, images: int, threads: int | None, log) -> subprocess.Popen:
     command = [sys.executable, "-m", "ctfgen.cli", "serve", "--pipeline", pipeline, "--port", str(port),
                "--max-queue", str(requests), "--max-images", str(images)]
+    command += ["--threads", str(threads)] if threads else []
     return subprocess.Popen(command, env=os.environ | OFFLINE_ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="images per request")
     parser.add_argument("--repeats", type=int, default=3, help="serial and concurrent runs, interleaved, so that "
                         "other load on the machine weighs on both alike (medians are reported)")
+    parser.add_argument("--threads", type=int, help="the server's torch threads (`ctfgen serve --threads`)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for each request")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -196,7 +198,7 @@ def main() -> None:
     server, url, log = None, args.url, tempfile.TemporaryFile()
     if url is None:
         port = free_port()
-        server = start_server(args.pipeline, port, args.requests, args.images, log)
+        server = start_server(args.pipeline, port, args.requests, args.images, args.threads, log)
         url = f"http://127.0.0.1:{port}"
     serial, concurrent = [], []
     try:
@@ -211,6 +213,7 @@ def main() -> None:
             server.wait(30)
 
     report = {"requests": args.requests, "images_per_request": args.images, "repeats": args.repeats,
+              "server_threads": args.threads or "torch's default",
               "serial": summary(serial, args.images), "concurrent": summary(concurrent, args.images)}
     report["throughput_vs_serial"] = round(report["serial"]["wall_s"] / report["concurrent"]["wall_s"], 2)
     report |= check_answers(serial[0], serial[1:] + concurrent)

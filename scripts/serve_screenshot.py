@@ -23,6 +23,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 600_000
+LOADED = "ids => ids.every(id => { const img = document.querySelector(id + ' img'); " \
+         "return img && img.complete && img.naturalWidth > 0; })"
 
 
 def free_port() -> int:
@@ -60,8 +62,7 @@ def main() -> None:
             page.wait_for_function("() => document.querySelector('#stats').innerText.includes('done')")
             page.fill("#reroll-index input", str(args.reroll))
             page.click("#reroll")
-            page.wait_for_selector("#reroll-images img")
-            page.wait_for_load_state("networkidle")
+            page.wait_for_function(LOADED, arg=["#ctf-images", "#baseline-images", "#reroll-images"])
             page.screenshot(path=str(tmp), full_page=True)
             browser.close()
         os.replace(tmp, out)

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ctfgen import cli
 from ctfgen.data import FMNIST_CLASSES
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
@@ -34,6 +36,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 LIMITS = Limits(max_images=8, max_queue=4, max_batch=16)
 STAGE1, STAGE2 = SamplingParams(cfg_scale=2.0), SamplingParams()  # the page's defaults
 TIMEOUT_MS = 180_000  # generous: the machine may be shared with training jobs
+# gradio's queue summarises its events with pandas calls that pandas 3 deprecates: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +179,16 @@ def test_reroll_keeps_the_coarse_labels(pipe, demo, tmp_path):
         demo.reroll_upload(str(tmp_path / "notes.png"), "Sneaker", 2, 0, 1.0, 0)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+    (["--max-images", "0"], "max_images must be at least 1"),
+    (["--max-images", "65"], "max_images \\(65\\) cannot exceed max_batch \\(64\\)"),
+])
+def test_serve_refuses_bad_limits_before_starting(flags, message, tmp_path, capsys):
+    assert cli.main(["serve", "--pipeline", str(tmp_path), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 # -- the page, in a real browser -------------------------------------------------------------------
 
 def missing_for_the_browser() -> list[str]:
@@ -193,15 +207,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Paced:
+    """The tiny pipeline with a pause after each progress report. It samples a grid in milliseconds, so its last
+    preview and its final images could reach the browser in one network read and be drawn as one update; a real
+    model spaces them by much more than this pause."""
+
+    def __init__(self, pipe, pause_s=0.05):
+        self.pipe, self.pause_s = pipe, pause_s
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, callback=None, **kwargs):
+        def report_then_pause(*report):
+            callback(*report)
+            time.sleep(self.pause_s)
+
+        return self.pipe(*args, callback=callback and report_then_pause, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def server(demo):
+def served(pipe):
+    """The page's demo on a free loopback port: (url, demo)."""
     from ctfgen.serve.app import build_app, launch_options
 
+    demo = Demo(pipe, LIMITS)
+    demo.batcher.pipe = Paced(pipe)
     app = build_app(demo)
     port = free_port()
     app.launch(**launch_options(demo, "127.0.0.1", port), prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", demo
     app.close()
+    demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +252,13 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, server):
+def page(browser, served):
     """A fresh page of the demo; after the test, every request it made must have gone to loopback."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
     urls = []
     page.on("request", lambda r: urls.append(r.url))
-    page.goto(server)
+    page.goto(served[0])
     page.wait_for_selector("#generate")
     yield page
     page.close()
@@ -275,7 +312,8 @@ def message(page) -> str:
 
 
 @in_browser
-def test_page_streams_the_preview_then_shows_the_pipelines_images(page, pipe, demo):
+def test_page_streams_the_preview_then_shows_the_pipelines_images(page, pipe, served):
+    demo = served[1]
     pick_class(page, "Sneaker")
     shown = generate(page, per_class=2, seed=3)
     with demo.batcher.pipeline():
@@ -290,7 +328,8 @@ def test_page_streams_the_preview_then_shows_the_pipelines_images(page, pipe, de
 
 
 @in_browser
-def test_page_rerolls_details_keeping_the_coarse_layout(page, pipe, demo, tmp_path):
+def test_page_rerolls_details_keeping_the_coarse_layout(page, pipe, served, tmp_path):
+    demo = served[1]
     pick_class(page, "Bag")
     generate(page, per_class=3, seed=1)
     page.fill("#reroll-index input", "2")

@@ -324,9 +324,13 @@ def cmd_reroll(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    import torch
+
     from .serve.actions import Limits
     from .serve.app import serve
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     serve(args.pipeline, host=args.host, port=args.port,
           limits=Limits(max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch))
 
@@ -641,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the server is busy")
     serve.add_argument("--max-batch", type=int, default=64, help="images in one sampler call, over all the "
                        "requests that share it")
+    serve.add_argument("--threads", type=int, help="torch threads of the sampler (default: torch's choice; on 2 "
+                       "cores 1 serves better, leaving a core to the previews and the web server)")
     serve.set_defaults(func=cmd_serve)
 
     cluster = sub.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")

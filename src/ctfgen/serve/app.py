@@ -20,7 +20,7 @@ at a time; the preview decodes each label as its cluster's mean codeword while i
 fine token within its cluster in **one** pass. The baseline predicts the fine tokens one at a time."""
 
 # Images come at their true size (32x32 samples); the browser scales them up, each pixel a sharp block.
-CSS = ".pixels img { image-rendering: pixelated; }"
+CSS = ".pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 # No share link, nothing that phones home; errors as messages on the page.
 LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
                       run_history=False, show_error=True, footer_links=[], css=CSS)
@@ -79,7 +79,7 @@ def build_app(demo: Demo):
                                                    label="Stage-2 temperature")
                     stage2_top_k = gr.Number(STAGE2_DEFAULTS.top_k, precision=0, label="Stage-2 top-k (0 = off)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
+            with gr.Column(scale=3):
                 with gr.Row():
                     ctf_view = image_view("CTF: stage-1 preview, then the refined images", "ctf-images",
                                           visible=demo.has("ctf"))
@@ -105,6 +105,7 @@ def build_app(demo: Demo):
                                   interactive=False, elem_id="reroll-tokens")
 
         mode.change(panels, mode, [ctf_view, baseline_view], queue=False)
+        one_of_each.change(lambda every: gr.Dropdown(interactive=not every), one_of_each, classes, queue=False)
         form = [classes, one_of_each, per_class, seed, mode, cfg_scale, temperature, top_k, stage2_temperature,
                 stage2_top_k]
         # Every waiting request holds a handler; the batcher, not gradio, bounds how many may wait.

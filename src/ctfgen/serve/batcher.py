@@ -97,11 +97,11 @@ class Batcher:
     """Merges the requests that wait together into one pipeline call. `max_waiting` requests may wait at once;
     one more is refused with a message (the server is busy) rather than queued without bound."""
 
-    def __init__(self, pipe: CTFPipeline, *, max_batch: int = 64, max_waiting: int = 32, gather_s: float = 0.02,
+    def __init__(self, pipe: CTFPipeline, *, max_batch: int = 64, max_waiting: int = 32, gather_s: float = 0.05,
                  progress_every: int = 8):
         self.pipe, self.max_batch, self.max_waiting = pipe, max_batch, max_waiting
         self.gather_s, self.progress_every = gather_s, progress_every
-        self.calls = 0  # sampler calls made: how many requests shared one is what a test or a log wants to know
+        self.calls = 0  # sampler calls made so far: fewer than requests when they shared calls
         self._waiting: list[Job] = []
         self._changed = threading.Condition()
         self._pipeline_lock = threading.Lock()
@@ -136,9 +136,13 @@ class Batcher:
             yield self.pipe
 
     def close(self) -> None:
+        """Stop after the call that runs; the requests still waiting are told the server is shutting down."""
         with self._changed:
             self._closed = True
+            waiting, self._waiting = self._waiting, []
             self._changed.notify()
+        for job in waiting:
+            job.finish(CtfgenError("the server is shutting down; try again later"))
         self._worker.join()
 
     # -- the worker ------------------------------------------------------------------------------
@@ -154,8 +158,10 @@ class Batcher:
                 self._changed.wait()
             if self._closed:
                 return None
-        time.sleep(self.gather_s)  # requests sent at the same moment arrive a few ms apart: let them join
+        time.sleep(self.gather_s)  # requests sent together reach the queue up to tens of ms apart: let them join
         with self._changed:
+            if self._closed:  # closing emptied the queue meanwhile
+                return None
             settings, taken, size = self._waiting[0].request.settings, [], 0
             for job in self._waiting:
                 if job.request.settings == settings and size + len(job.request.classes) <= self.max_batch:
