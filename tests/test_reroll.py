@@ -6,21 +6,9 @@ import torch
 from PIL import Image
 
 from ctfgen import cli
-from ctfgen.data import FMNIST_CLASSES
 from ctfgen.errors import CtfgenError
-from ctfgen.pipeline import CTFPipeline
 from ctfgen.reroll import coarse_of_images, read_image
-from test_pipeline import make_parts
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return CTFPipeline(**make_parts(), class_names=list(FMNIST_CLASSES))
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(pipe, tmp_path_factory):
-    return pipe.save_pretrained(tmp_path_factory.mktemp("pipe") / "pipe", dtype=None)
+from test_pipeline import pipe, pipe_dir  # noqa: F401, F811 (the tiny pipeline's fixtures)
 
 
 def test_read_image_takes_the_tokenizers_size_or_fmnist_padded(tmp_path):
@@ -41,7 +29,7 @@ def test_read_image_takes_the_tokenizers_size_or_fmnist_padded(tmp_path):
         read_image(tmp_path / "notes.png", 32)
 
 
-def test_cli_reroll_keeps_the_coarse_labels(pipe, pipe_dir, tmp_path):
+def test_cli_reroll_keeps_the_coarse_labels(pipe, pipe_dir, tmp_path):  # noqa: F811
     images = pipe([7, 8], seed=0, output_type="np").images
     paths = [tmp_path / f"{name}.png" for name in ("sneaker", "bag")]
     for image, path in zip(images, paths):
@@ -59,7 +47,7 @@ def test_cli_reroll_keeps_the_coarse_labels(pipe, pipe_dir, tmp_path):
     assert Image.open(grid).size == (2 + 5 * 34, 2 + 2 * 34)  # a row per image: it, its coarse labels, 3 variations
 
 
-def test_cli_reroll_refuses_mismatched_classes(pipe_dir, tmp_path, capsys):
+def test_cli_reroll_refuses_mismatched_classes(pipe_dir, tmp_path, capsys):  # noqa: F811
     Image.new("L", (28, 28)).save(tmp_path / "a.png")
     args = ["reroll", str(tmp_path / "a.png"), "--pipeline", str(pipe_dir)]
     assert cli.main(args + ["--class", "1,2"]) == 2

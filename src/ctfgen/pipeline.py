@@ -288,8 +288,7 @@ class CTFPipeline:
     def stage1_tokens(self, labels: torch.Tensor, sampling: SamplingParams = STAGE1_DEFAULTS,
                       uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
         """Stage 1: coarse grids [B, h, w] for class ids [B], token t of row b picked by uniforms[b, t]."""
-        return generate(self.stage1, labels, sampling, uniforms=uniforms, callback=callback,
-                        callback_steps=callback_steps).view(-1, self.grid, self.grid)
+        return self._grids(self.stage1, labels, sampling, uniforms, callback, callback_steps)
 
     @torch.no_grad()
     def stage2_tokens(self, coarse: torch.Tensor, labels: torch.Tensor, sampling: SamplingParams = STAGE2_DEFAULTS,
@@ -303,7 +302,11 @@ class CTFPipeline:
     def baseline_tokens(self, labels: torch.Tensor, sampling: SamplingParams = STAGE1_DEFAULTS,
                         uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
         """The baseline: fine grids [B, h, w] straight from the plain GPT."""
-        return generate(self.baseline, labels, sampling, uniforms=uniforms, callback=callback,
+        return self._grids(self.baseline, labels, sampling, uniforms, callback, callback_steps)
+
+    def _grids(self, model, labels, sampling, uniforms, callback, callback_steps) -> torch.Tensor:
+        """An autoregressive stage's tokens as square grids [B, h, w]."""
+        return generate(model, labels, sampling, uniforms=uniforms, callback=callback,
                         callback_steps=callback_steps).view(-1, self.grid, self.grid)
 
     @torch.no_grad()
