@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,9 +108,17 @@ def gather_in_order(part, runtime: Runtime) -> list:
     return [p for p in parts if p is not None] if runtime.is_main else []
 
 
-def shutdown(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(runtime: Runtime, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others, so none tears its
+    connections down while a peer still uses them (not after an error: the others may never arrive). FSDP's
+    modules and device mesh form reference cycles that hold the group; collected here, while the interpreter is
+    whole, rather than at exit, where gloo's worker threads may be destroyed mid-work (an abort)."""
+    if not (runtime.distributed and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 @contextmanager
@@ -118,5 +127,7 @@ def launched(device: str = "auto"):
     runtime = init_runtime(device)
     try:
         yield runtime
-    finally:
-        shutdown(runtime)
+    except BaseException:
+        shutdown(runtime, clean=False)
+        raise
+    shutdown(runtime)
