@@ -1,7 +1,7 @@
 """The paper's shapes on one GPU: CTF against the baseline at GPT-B, and a few FSDP training steps. One JSON line.
 
     scripts/gpu_check.sh                       # on a CUDA machine; under 5 minutes on one H100/H200
-    python benchmarks/gpu_check.py --small     # the same path on a CPU with tiny shapes: a smoke test
+    scripts/gpu_check.sh --cpu --tiny          # the same path on a CPU with tiny shapes: a smoke test (tested)
 
 With random weights (speed does not depend on them): LlamaGen's VQ-16 tokenizer (V = 16384), a K = 512 k-means
 map of its codebook, a GPT-B stage 1 (512-way), a GPT-B refiner and a GPT-B baseline (16384-way) at 256 tokens
@@ -31,9 +31,9 @@ from ctfgen.models.refiner import Refiner, refiner_config
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.tokenizer.model import VQ_PRESETS, VQModel
 
-SHAPES = {  # full: the paper's GPT-B setting; small: the same code path in seconds on a CPU
+SHAPES = {  # full: the paper's GPT-B setting; tiny: the same code path in seconds on a CPU
     "full": dict(tokenizer="VQ-16", image_size=256, model="GPT-B", k=512, classes=1000, batch=64, train_images=256),
-    "small": dict(tokenizer="VQ-tiny", image_size=32, model="GPT-tiny", k=8, classes=10, batch=4, train_images=32),
+    "tiny": dict(tokenizer="VQ-tiny", image_size=32, model="GPT-tiny", k=8, classes=10, batch=4, train_images=32),
 }
 
 
@@ -89,12 +89,13 @@ def train_steps(shape: dict, tokenizer: VQModel, work: Path, device: torch.devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke test of the same path)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of the same path in seconds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=5)
     args = parser.parse_args()
-    shape = SHAPES["small" if args.small else "full"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPES["tiny" if args.tiny else "full"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": shape}
@@ -108,6 +109,8 @@ def main() -> None:
         result["training_fsdp"] = train_steps(shape, pipe.tokenizer, work, device, args.train_steps)
     result["seconds"] = round(time.perf_counter() - tic, 1)
     print(json.dumps(result))
+    if not result["training_fsdp"]["ok"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,23 @@ def test_two_processes_extract_what_one_extracts(fake_fmnist, tmp_path):
     assert list(one) == list(two) == ["codes.0.npy", "labels.0.npy", "manifest.json"]
     for name in one:
         assert one[name] == two[name], name
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu():
+    """scripts/gpu_check.sh's CPU mode: the same path as on a GPU (pipeline, compiled-decode bench, FSDP training
+    under torchrun) at tiny shapes, ending in one JSON line; so that the GPU check cannot rot between GPU loans."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    run = subprocess.run([str(script), "--cpu", "--tiny", "--repeats", "1", "--train-steps", "2"],
+                         env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHON": sys.executable},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1, run.stdout
+    result = json.loads(lines[0])
+    assert result["device"] == "cpu" and result["shape"]["model"] == "GPT-tiny"
+    assert result["sampling"]["ctf"]["images_per_s"] > 0 and result["sampling"]["baseline"]["images_per_s"] > 0
+    assert result["training_fsdp"]["ok"] and result["training_fsdp"]["steps"] == 2

@@ -79,6 +79,23 @@ def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
     assert_same_weights(tmp_path / "killed/checkpoint", tmp_path / "straight/checkpoint", atol=1e-6)
 
 
+def test_resume_removes_what_a_killed_save_left_and_nothing_else(codes, tmp_path):
+    """A kill during a checkpoint write leaves a hidden temporary directory (or the previous checkpoint set
+    aside); the next start of the run deletes those, and keeps anything of the user's that merely looks alike."""
+    run = tmp_path / "run"
+    assert cli.main(train_args(codes, run, "--stage", "stage2", "--steps", "2", "--snapshot-every", "1")) == 0
+    stale = [run / ".checkpoint.k1ll3d", run / ".checkpoint.old.x7f2a9", run / "snapshots/.step_0000002.q9z"]
+    for directory in stale:
+        shutil.copytree(run / "checkpoint", directory)
+    (stale[0] / "train_state.pt").unlink()  # killed half-way
+    users = run / ".checkpoint.notes"
+    users.mkdir()
+    (users / "todo.txt").write_text("mine")
+    assert cli.main(train_args(codes, run, "--stage", "stage2", "--steps", "3", "--resume")) == 0
+    assert not any(directory.exists() for directory in stale)
+    assert (users / "todo.txt").read_text() == "mine"
+
+
 def test_refuses_to_overwrite_and_needs_a_map(codes, tmp_path, capsys):
     assert cli.main(train_args(codes, tmp_path / "run", "--stage", "stage2", "--steps", "1")) == 0
     assert cli.main(train_args(codes, tmp_path / "run", "--stage", "stage2", "--steps", "1")) == 2

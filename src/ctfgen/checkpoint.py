@@ -131,6 +131,19 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
     return directory
 
 
+def remove_stale_writes(parent, name: str) -> list[Path]:
+    """Delete what killed `save_checkpoint`s of `parent / name` (a glob, e.g. "step_*") left in `parent`: a
+    temporary directory being written, or the previous checkpoint set aside; hidden directories `.<name>.*`
+    holding nothing but checkpoint files. Call it only where no other process writes there (the start of a run,
+    on rank 0)."""
+    ours = {WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME}
+    stale = [p for p in Path(parent).glob(f".{name}.*")
+             if p.is_dir() and not p.is_symlink() and {c.name for c in p.iterdir()} <= ours]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
 def load_config(directory, kind: str | None) -> dict:
     """The JSON config of a checkpoint of the given kind (any kind: None), or one clear error."""
     path = Path(directory) / CONFIG_NAME

@@ -45,6 +45,7 @@ from .checkpoint import (
     is_run_dir,
     load_train_state,
     load_weights,
+    remove_stale_writes,
     restore_rng,
     save_checkpoint,
 )
@@ -89,6 +90,9 @@ class TrainingRun:
         return the saved training state (for the loop's own entries); else refuse an --out that holds a run
         and return None."""
         self.model, self.optimizer, self.extra_state = model, optimizer, extra_state
+        if self.runtime.is_main:  # a run killed while saving left its temporary directories
+            remove_stale_writes(self.out, self.checkpoint_dir.name)
+            remove_stale_writes(self.out / "snapshots", "step_*")
         saved = None
         if self.cfg.resume:
             saved = load_train_state(self.checkpoint_dir)
