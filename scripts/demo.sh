@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ctfgen demo --out demo.png "$@"
+.venv/bin/ctfgen demo --out demo.png --overwrite "$@"  # replaces only a demo.png that ctfgen wrote

@@ -82,7 +82,7 @@ $CTFGEN eval --reconstruction "$OUT/tokenizer" --json > "$RUNS/eval/reconstructi
 for seed in 0 1 2; do
   for mode in ctf baseline; do
     flag=(); [ "$mode" = baseline ] && flag=(--baseline)
-    $CTFGEN sample --pipeline "$OUT" --per-class 1000 --batch 250 --dtype bf16 --seed $seed "${flag[@]}" \
+    $CTFGEN sample --overwrite --pipeline "$OUT" --per-class 1000 --batch 250 --dtype bf16 --seed $seed "${flag[@]}" \
       --npz "$RUNS/eval/$mode.seed$seed.npz"
     $CTFGEN eval --samples "$RUNS/eval/$mode.seed$seed.npz" --json > "$RUNS/eval/$mode.seed$seed.json"
   done
@@ -97,8 +97,8 @@ if [ -n "${LLAMAGEN_DIR:-}" ]; then
 fi
 
 # 8. README figures: the demo grid and the (stage-1 preview | final) pairs.
-$CTFGEN demo --out "$OUT/demo.png"
-$CTFGEN sample --pipeline "$OUT" --classes 0,1,2,3,4,5,6,7,8,9 --seed 0 --preview-grid "$OUT/preview_vs_final.png"
+$CTFGEN demo --overwrite --out "$OUT/demo.png"
+$CTFGEN sample --overwrite --pipeline "$OUT" --classes 0,1,2,3,4,5,6,7,8,9 --seed 0 --preview-grid "$OUT/preview_vs_final.png"
 
 # 9. Table 3 analogs: the number of clusters (k-means with K = 32 and 512) and random clustering at K = 128,
 #    each a CTF pair (stage 1 and stage 2) trained 500 steps with the main schedule; 2,000 samples each.
@@ -127,7 +127,7 @@ for variant in kmeans_k32 kmeans_k512 random_k128; do
   $CTFGEN assemble --out "$abl/pipeline" --tokenizer "$OUT/tokenizer" --map "$RUNS/fmnist/${method}_map_k$k.safetensors" \
     --stage1 "$abl/stage1/snapshots/step_0000500" --stage2 "$abl/stage2/snapshots/step_0000500" --dtype fp32 \
     --overwrite
-  $CTFGEN sample --pipeline "$abl/pipeline" --per-class 200 --batch 250 --seed 0 --npz "$RUNS/eval/$variant.npz"
+  $CTFGEN sample --overwrite --pipeline "$abl/pipeline" --per-class 200 --batch 250 --seed 0 --npz "$RUNS/eval/$variant.npz"
   $CTFGEN eval --samples "$RUNS/eval/$variant.npz" --json > "$RUNS/eval/$variant.json"
 done
 

@@ -10,7 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from ctfgen.cli import main, pretrained_dir
+from ctfgen.assets import pretrained_dir
+from ctfgen.cli import main
 from ctfgen.evaluation import evaluate_npz, frechet_distance, gaussian_stats, inception_score, precision_recall
 from ctfgen.evaluation import reference as reference_module
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier, augment

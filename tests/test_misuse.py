@@ -25,9 +25,11 @@ from ctfgen.data import FashionMNIST, read_idx
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier
 from ctfgen.evaluation.npz import read_image_npz
+from ctfgen.images import is_ctfgen_npz, save_npz, save_png
 from ctfgen.models.gpt import GPT, GPTConfig, gpt_config
 from ctfgen.tokenizer.evaluate import evaluate_tokenizer
 from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+from test_pipeline import pipe, pipe_dir  # noqa: F401 (the tiny pipeline's fixtures)
 
 
 def idx(array: np.ndarray, shape=None) -> bytes:
@@ -200,6 +202,38 @@ def photo(path) -> Path:
     return path
 
 
+def ctfgen_png(path) -> Path:
+    return save_png(Image.new("RGB", (4, 4), "blue"), path)
+
+
+def ctfgen_npz(path) -> Path:
+    return save_npz(path, arr_0=np.zeros((1, 4, 4, 3), np.uint8))
+
+
+def ctfgen_pngs_and(w, extra: str | None = None) -> Path:
+    """A folder of ctfgen's PNGs (an earlier `--out`), and a user's file `extra` among them."""
+    (w / "pngs").mkdir()
+    ctfgen_png(w / "pngs/000000_class0.png")
+    if extra:
+        (w / "pngs" / extra).write_text("mine")
+    return w / "pngs"
+
+
+def sample(*outputs):
+    """`ctfgen sample` with these output flags: refused before the (bundled) pipeline is even loaded."""
+    return ["sample", "--classes", "0", *outputs]
+
+
+def demo_over(existing: Path) -> list:
+    """`ctfgen demo` where its default --out (demo.png in the working directory) is `existing`."""
+    assert existing.name == "demo.png"
+    return ["demo"]
+
+
+def reroll(w, *outputs):
+    return ["reroll", str(photo(w / "in.png")), "--class", "0", *outputs]
+
+
 def foreign_partial(w) -> Path:
     """An output path whose `.partial` sibling is a user's folder: extract must not clear it."""
     user_folder(w).rename(w / "codes.partial")
@@ -250,6 +284,32 @@ CASES = {
     "train-classifier into a user folder": (
         lambda a, w: ["eval", "train-classifier", "--out", str(user_folder(w)), "--data-dir", str(a.fmnist)],
         "is not a feature classifier"),
+    "sample --grid over a user PNG": (lambda a, w: sample("--grid", photo(w / "g.png")),
+                                      "is not a PNG written by ctfgen"),
+    "sample --preview-grid over ctfgen's PNG": (lambda a, w: sample("--preview-grid", ctfgen_png(w / "p.png")),
+                                                "pass --overwrite"),
+    "sample --npz over a user .npz": (lambda a, w: sample("--npz", npz(w / "s.npz", arr_0=np.zeros(3))),
+                                      "is not a sample file written by ctfgen"),
+    "sample --npz over ctfgen's .npz": (lambda a, w: sample("--npz", ctfgen_npz(w / "s.npz")), "pass --overwrite"),
+    "sample --npz over a user file, with --overwrite": (
+        lambda a, w: sample("--npz", photo(w / "s.npz"), "--overwrite"), "is not a sample file written by ctfgen"),
+    "sample --out over a user folder": (lambda a, w: sample("--out", user_folder(w), "--overwrite"),
+                                        "is not a folder of PNGs written by ctfgen"),
+    "sample --out over ctfgen's PNGs and a user file": (
+        lambda a, w: sample("--out", ctfgen_pngs_and(w, "notes.txt"), "--overwrite"), "is not a folder of PNGs"),
+    "sample --out over ctfgen's PNGs": (lambda a, w: sample("--out", ctfgen_pngs_and(w)), "pass --overwrite"),
+    "sample --out onto a file": (lambda a, w: sample("--out", photo(w / "p.png")), "is a file"),
+    "sample --grid and --npz on one path": (lambda a, w: sample("--grid", w / "x", "--npz", w / "x"),
+                                            "name the same path"),
+    "sample --grid inside --out": (lambda a, w: sample("--out", w / "pngs", "--grid", w / "pngs/grid.png"),
+                                   "inside the --out directory"),
+    "demo over a user's demo.png": (lambda a, w: demo_over(photo(w / "demo.png")), "is not a PNG written by ctfgen"),
+    "demo over an earlier demo.png": (lambda a, w: demo_over(ctfgen_png(w / "demo.png")), "pass --overwrite"),
+    "reroll --grid over a user PNG": (lambda a, w: reroll(w, "--grid", photo(w / "g.png"), "--overwrite"),
+                                      "is not a PNG written by ctfgen"),
+    "reroll --npz over ctfgen's .npz": (lambda a, w: reroll(w, "--npz", ctfgen_npz(w / "v.npz")), "pass --overwrite"),
+    "reroll --out over a user folder": (lambda a, w: reroll(w, "--out", user_folder(w)),
+                                        "is not a folder of PNGs written by ctfgen"),
     "output under a file": (lambda a, w: extract(a, photo(w / "p.png") / "codes"), "is a file, not a directory"),
     "output where the system refuses to write": (lambda a, w: cluster(a, "/sys/ctfgen-misuse/map.st"), "/sys"),
     "output in a read-only directory": (lambda a, w: cluster(a, read_only_dir(w) / "map.st"), "not writable"),
@@ -376,6 +436,23 @@ def test_overwrite_replaces_ctfgen_output_only(a, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes"]  # no .partial, no old copy left
     assert cli.main(extract(a, user_folder(tmp_path), "--overwrite")) == 2
     assert (tmp_path / "mine/thesis.txt").read_text() == "years of work"
+
+
+def test_overwrite_replaces_earlier_samples_whole(pipe_dir, tmp_path, capsys):  # noqa: F811
+    """--overwrite replaces sample's own outputs: the PNG folder as a whole (no image of the earlier run stays)."""
+    outputs = ["--npz", tmp_path / "s.npz", "--grid", tmp_path / "g.png", "--out", tmp_path / "pngs"]
+    run = ["sample", "--pipeline", pipe_dir, *outputs]
+    assert cli.main([str(arg) for arg in run + ["--classes", "0,1"]]) == 0
+    assert is_ctfgen_npz(tmp_path / "s.npz") and len(list((tmp_path / "pngs").iterdir())) == 2
+    assert cli.main([str(arg) for arg in run + ["--classes", "3"]]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli.main([str(arg) for arg in run + ["--classes", "3", "--overwrite"]]) == 0
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000000_class3.png"]
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["labels"].tolist() == [3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "pngs", "s.npz"]  # no temporary left
+    demo = ["demo", "--pipeline", str(pipe_dir), "--per-class", "1", "--out", str(tmp_path / "demo.png")]
+    assert cli.main(demo) == 0 and cli.main(demo) == 2 and cli.main(demo + ["--overwrite"]) == 0
 
 
 def test_train_on_bad_codes_writes_nothing(a, tmp_path, capsys):

@@ -95,6 +95,22 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+def write_dir_atomic(directory, write, is_ours) -> Path:
+    """Call write(tmp_dir) and put the complete directory at `directory` (see replace_dir: in place of an empty
+    one or of what `is_ours`), so that a run killed half-way leaves nothing half-written there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        _publish_mode(tmp, directory=True)
+        replace_dir(tmp, directory, is_ours)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
 def is_checkpoint(directory, kind: str | None = None) -> bool:
     """Whether `directory` is a ctfgen checkpoint (of `kind`, when given): a config.json naming its kind."""
     try:
@@ -112,10 +128,7 @@ def is_run_dir(directory) -> bool:
 def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict | None = None,
                     dtype: str | None = None) -> Path:
     """Write a checkpoint directory atomically; `dtype` casts floating weights (e.g. "bf16" to ship)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def write(tmp: Path) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         if dtype is not None:
             tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -123,12 +136,8 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
-        _publish_mode(tmp, directory=True)
-        replace_dir(tmp, directory, is_checkpoint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    return write_dir_atomic(directory, write, is_checkpoint)
 
 
 def remove_stale_writes(parent, name: str) -> list[Path]:
@@ -161,6 +170,13 @@ def load_config(directory, kind: str | None) -> dict:
     if not isinstance(config.get("model"), dict):
         raise CtfgenError(f"{path} has no \"model\" object (the model's config); the checkpoint is corrupt")
     return config
+
+
+def checkpoint_step(directory) -> int | None:
+    """The training step a checkpoint was saved at (an exported one: the step it was exported from); None when
+    its config does not say."""
+    config = load_config(directory, kind=None)
+    return config.get("step", config.get("exported_from", {}).get("step"))
 
 
 def _weights_path(directory) -> Path:

@@ -1,16 +1,20 @@
-"""Image grids and PNG writing with PIL (no torchvision)."""
+"""Image grids, PNGs (with PIL, no torchvision) and sample `.npz` files, each tagged as ctfgen's so that a later run
+can tell its own earlier output from a user's file."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from .checkpoint import write_atomic
+from .checkpoint import write_atomic, write_dir_atomic
 
 PNG_TAG = ("Software", "ctfgen")
+# An extra array in the .npz files ctfgen writes; readers of the ADM layout (arr_0, labels) pass over it.
+NPZ_TAG = ("software", "ctfgen")
 
 
 def make_grid(pixels: torch.Tensor, ncol: int, pad: int = 2, fill: int = 255) -> Image.Image:
@@ -53,3 +57,44 @@ def is_ctfgen_png(path) -> bool:
             return image.format == "PNG" and image.info.get(PNG_TAG[0]) == PNG_TAG[1]
     except (OSError, ValueError):
         return False
+
+
+def is_ctfgen_png_dir(directory) -> bool:
+    """Whether `directory` holds nothing but PNGs that `save_png` wrote (as `save_png_dir` leaves it)."""
+    return all(path.is_file() and not path.is_symlink() and is_ctfgen_png(path) for path in Path(directory).iterdir())
+
+
+def save_png_dir(images, directory) -> Path:
+    """Write (name, image) pairs as the PNGs of `directory`, all at once: in place of an empty directory or of
+    one that `save_png_dir` wrote before (its PNGs go), never into a user's."""
+    def write(tmp: Path) -> None:
+        for name, image in images:
+            save_png(image, tmp / name)
+
+    return write_dir_atomic(directory, write, is_ctfgen_png_dir)
+
+
+def save_npz(path, **arrays: np.ndarray) -> Path:
+    """Write arrays to an .npz atomically, tagged as ctfgen's."""
+    path = Path(path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, **{NPZ_TAG[0]: np.array(NPZ_TAG[1])})
+
+    write_atomic(path, write)
+    return path
+
+
+def is_ctfgen_npz(path) -> bool:
+    """Whether `path` is an .npz that `save_npz` wrote: its tag array is read alone, and only when small."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{NPZ_TAG[0]}.npy")
+            if info.file_size > 1024:
+                return False
+            with archive.open(info) as f:
+                tag = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return tag.shape == () and tag.dtype.kind == "U" and str(tag) == NPZ_TAG[1]

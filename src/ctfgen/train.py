@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -32,9 +32,9 @@ from .codes import CodeDataset
 from .distributed import Runtime, all_reduce_sum, launched
 from .errors import CtfgenError
 from .models.blocks import TransformerBlock
-from .models.gpt import GPT, gpt_config
+from .models.gpt import GPT, GPT_PRESETS, gpt_config
 from .models.refiner import Refiner, refiner_config
-from .precision import autocast_context
+from .precision import PRECISIONS, autocast_context
 from .run import TrainingRun
 from .schedule import LR_SCHEDULES, learning_rate
 
@@ -43,38 +43,58 @@ STAGES = ("baseline", "stage1", "stage2")
 
 @dataclass
 class TrainConfig:
-    stage: str
-    codes: str
-    out: str
-    model: str = "GPT-S"
-    map: str | None = None
-    eval_codes: str | None = None
-    steps: int = 1000
-    batch_size: int = 64  # global, over processes and accumulation steps
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # after warm-up: constant (LlamaGen) or cosine decay to lr / 10 at the last step
-    class_dropout: float = 0.1
-    dropout: float | None = None  # overrides token/residual/FFN dropout (LlamaGen: 0.1)
-    ema: float = 0.0  # EMA decay; 0 disables
-    eval_every: int = 500
-    eval_items: int = 2000
-    ckpt_every: int = 500
-    snapshot_every: int = 0  # also keep the weights of every N-th step under snapshots/ (0: never)
-    views: int = 0  # train on the first N stored views of each image (1: without the mirrors); 0: all
-    log_every: int = 10
-    seed: int = 0
-    precision: str = "auto"  # bf16 autocast on CUDA / bf16-capable CPUs, else fp32 (see ctfgen.precision)
-    device: str = "auto"
-    resume: bool = False
-    fsdp: bool = False  # under torchrun, FSDP2 instead of DDP; ignored (unsharded) in a single process
-    compile: bool = False  # torch.compile the forward and backward (~30 s once; ~1.2x faster steps on a CPU)
-    progress: bool = True
+    """One training run. `ctfgen train` takes its flags from these fields: names, types, defaults, choices and
+    help lines (metadata["help"], metadata["choices"])."""
+
+    stage: str = field(metadata={"help": "which model: the baseline GPT over fine tokens, the stage-1 GPT over coarse "
+                                         "labels, or the stage-2 refiner", "choices": STAGES})
+    codes: str = field(metadata={"help": "training codes from `ctfgen extract`"})
+    out: str = field(metadata={"help": "run directory (checkpoint/, metrics.jsonl)"})
+    model: str = field(default="GPT-S", metadata={"help": "model preset", "choices": tuple(GPT_PRESETS)})
+    map: str | None = field(default=None, metadata={"help": "coarse map from `ctfgen cluster` (stage1, stage2)"})
+    eval_codes: str | None = field(default=None, metadata={
+        "help": "held-out codes for loss/accuracy every --eval-every steps"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per step, over all processes and accumulation "
+                                                          "steps"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches per step"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (after warm-up)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the weight matrices"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "after warm-up: constant (LlamaGen) or cosine decay to lr / 10 at the last step",
+        "choices": LR_SCHEDULES})
+    class_dropout: float = field(default=0.1, metadata={
+        "help": "probability of dropping the class label (trains the unconditional side of classifier-free guidance)"})
+    dropout: float | None = field(default=None, metadata={
+        "help": "token, residual and FFN dropout instead of the preset's (LlamaGen: 0.1)"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 disables"})
+    eval_every: int = field(default=500, metadata={"help": "held-out loss/accuracy every N steps (with --eval-codes)"})
+    eval_items: int = field(default=2000, metadata={"help": "held-out items scored each time"})
+    ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (also at the end and on "
+                                                           "SIGTERM/SIGINT)"})
+    snapshot_every: int = field(default=0, metadata={
+        "help": "also keep the weights of every N-th step under snapshots/ (0: never)"})
+    views: int = field(default=0, metadata={
+        "help": "train on the first N stored views of each image (1: without the mirrors); 0: all"})
+    log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps"})
+    seed: int = field(default=0, metadata={"help": "initial weights, data order and dropout masks"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.precision)",
+        "choices": PRECISIONS})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N; under torchrun with cuda each "
+                                                          "process takes its own GPU"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun, shard weights, gradients, optimizer state and EMA over the processes (FSDP2, per "
+                "transformer block) instead of replicating them (DDP); for the large presets. A single process "
+                "trains unsharded. Checkpoints are the same either way"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training step (~30 s once, then ~1.2x faster on a CPU)"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
 
 
 class StageData:
@@ -195,9 +215,12 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
     return {"eval_loss": float(totals[0] / totals[2]), "eval_acc": float(totals[1] / totals[2])}
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig) -> dict | None:
+    """The run of `cfg`, alone or as one of torchrun's processes: its last metrics and checkpoint on the main
+    process, None on the others (so that one process reports)."""
     with launched(cfg.device) as runtime:
-        return train_in(cfg, runtime)
+        result = train_in(cfg, runtime)
+    return result if runtime.is_main else None
 
 
 def train_in(cfg: TrainConfig, runtime: Runtime) -> dict:

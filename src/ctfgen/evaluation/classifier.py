@@ -42,13 +42,17 @@ CONFIG_RULES = {"hidden": Whole(1, MAX_WIDTH), "num_classes": Whole(1, MAX_CLASS
 
 @dataclass
 class ClassifierConfig:
-    channels: tuple[int, ...] = (32, 64, 96)  # one 3x3 conv + BN + ReLU per stage, 2x2 max-pool after each
-    hidden: int = 128  # the penultimate layer: FID / precision-recall features
-    num_classes: int = 10
-    image_size: int = 32
-    spatial_channels: int = 7  # sFID: the first channels of the last conv map, flattened
-    dropout: float = 0.1
-    pool_grid: int = 4  # the last map is average-pooled to pool_grid x pool_grid before the hidden layer
+    channels: tuple[int, ...] = field(default=(32, 64, 96), metadata={
+        "help": "conv widths: one 3x3 conv + BN + ReLU per stage, a 2x2 max-pool after each"})
+    hidden: int = field(default=128, metadata={"help": "width of the penultimate layer: the FID / precision-recall "
+                                                       "features"})
+    num_classes: int = field(default=10, metadata={"help": "classes"})
+    image_size: int = field(default=32, metadata={"help": "input side in pixels"})
+    spatial_channels: int = field(default=7, metadata={
+        "help": "sFID features: the first channels of the last conv map, flattened"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout between the penultimate layer and the class head"})
+    pool_grid: int = field(default=4, metadata={
+        "help": "average-pool the last map to this grid before the penultimate layer"})
 
     def __post_init__(self):
         if isinstance(self.channels, list):  # as read back from config.json
@@ -111,20 +115,23 @@ class FMNISTClassifier(PretrainedMixin, nn.Module):
 
 @dataclass
 class ClassifierTrainConfig:
-    out: str
-    data_dir: str | None = None
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 200
-    shift: int = 2  # random translation by up to this many pixels
-    flip: bool = True  # random horizontal flips
-    seed: int = 0
-    dtype: str = "fp16"  # of the saved weights
-    log_every: int = 50
-    progress: bool = True
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """`ctfgen eval train-classifier` takes its flags from these fields and the model's (ClassifierConfig)."""
+
+    out: str = field(metadata={"help": "checkpoint directory to write (the shipped one: pretrained/fmnist/classifier)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Fashion-MNIST IDX directory (default $CTFGEN_DATA or /usr/share/datasets/fashion-mnist)"})
+    epochs: int = field(default=8, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine decay after warm-up)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear learning-rate warm-up steps"})
+    shift: int = field(default=2, metadata={"help": "random translation by up to this many pixels"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    seed: int = field(default=0, metadata={"help": "initial weights, data order and augmentation"})
+    dtype: str = field(default="fp16", metadata={"help": "of the saved weights", "choices": tuple(DTYPES)})
+    log_every: int = field(default=50, metadata={"help": "loss to metrics.jsonl every N steps"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
+    model: ClassifierConfig = field(default_factory=ClassifierConfig, metadata={"help": "the network"})
 
 
 def augment(images: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:

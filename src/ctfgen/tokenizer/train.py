@@ -9,7 +9,7 @@ continues exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from ..checkpoint import check_optimizer_state
 from ..data import collate_images, load_dataset
 from ..distributed import Runtime, all_reduce_sum, broadcast, launched
 from ..errors import CtfgenError
-from ..precision import autocast_context
+from ..precision import PRECISIONS, autocast_context
 from ..run import TrainingRun
 from ..schedule import learning_rate
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
@@ -30,32 +30,45 @@ from .model import VQ_PRESETS, VQConfig, VQModel
 
 @dataclass
 class TokenizerTrainConfig:
-    out: str
-    model: str = "VQ-fmnist"
-    data: str = "fmnist"
-    data_dir: str | None = None
-    image_size: int = 256  # image folders only; Fashion-MNIST is 32x32
-    codebook_size: int | None = None  # override the preset's
-    steps: int = 2000
-    batch_size: int = 128  # global, over all processes
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    entropy_loss_ratio: float = 0.0
-    gan_weight: float = 0.0  # 0 disables the discriminator
-    gan_start: int = 1000
-    restart_every: int = 100  # 0 disables dead-code restarts
-    ckpt_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    precision: str = "auto"  # bf16 autocast where the hardware is fast at it (see ctfgen.precision)
-    device: str = "auto"
-    num_workers: int = 0
-    resume: bool = False
-    progress: bool = True
+    """One tokenizer training run. `ctfgen tokenizer train` takes its flags from these fields (see
+    ctfgen.train.TrainConfig)."""
+
+    out: str = field(metadata={"help": "run directory (checkpoint/, metrics.jsonl)"})
+    model: str = field(default="VQ-fmnist", metadata={"help": "model preset", "choices": tuple(VQ_PRESETS)})
+    data: str = field(default="fmnist", metadata={"help": "'fmnist' (bundled) or an image folder in ImageNet layout"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Fashion-MNIST IDX directory (default $CTFGEN_DATA or /usr/share/datasets/fashion-mnist)"})
+    image_size: int = field(default=256, metadata={"help": "resize/crop size for image folders (Fashion-MNIST is "
+                                                           "32x32)"})
+    skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images with a warning"})
+    codebook_size: int | None = field(default=None, metadata={"help": "codewords, instead of the preset's"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=128, metadata={"help": "images per step, over all processes"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine decay after warm-up)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    entropy_loss_ratio: float = field(default=0.0, metadata={
+        "help": "weight of the entropy loss that spreads the codebook usage (0 = off)"})
+    gan_weight: float = field(default=0.0, metadata={"help": "weight of the PatchGAN loss; 0 disables the "
+                                                             "discriminator"})
+    gan_start: int = field(default=1000, metadata={"help": "the step the GAN loss starts at"})
+    restart_every: int = field(default=100, metadata={
+        "help": "every N steps, restart the codewords unused since the last time at encoder latents (0 = never)"})
+    ckpt_every: int = field(default=250, metadata={"help": "checkpoint every N steps (also at the end and on "
+                                                           "SIGTERM/SIGINT)"})
+    log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps"})
+    seed: int = field(default=0, metadata={"help": "initial weights, data order and codeword restarts"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.precision)",
+        "choices": PRECISIONS})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N; under torchrun with cuda each "
+                                                          "process takes its own GPU"})
+    num_workers: int = field(default=0, metadata={"help": "data loading processes (0: in the training process)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
 
 
 def build_model(cfg: TokenizerTrainConfig) -> VQModel:
@@ -88,9 +101,12 @@ def restart_dead_codes(model: VQModel, usage: torch.Tensor, latents: torch.Tenso
     return n_dead
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
+    """The run of `cfg`, alone or as one of torchrun's processes: its last metrics and checkpoint on the main
+    process, None on the others (so that one process reports)."""
     with launched(cfg.device) as runtime:
-        return train_in(cfg, runtime)
+        result = train_in(cfg, runtime)
+    return result if runtime.is_main else None
 
 
 def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
@@ -99,7 +115,7 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     torch.manual_seed(cfg.seed + runtime.rank)
     model = build_model(cfg).to(runtime.device)
     dataset = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, image_size=cfg.image_size,
-                           flip=cfg.data != "fmnist")
+                           flip=cfg.data != "fmnist", skip_bad=cfg.skip_bad_images)
     disc = PatchDiscriminator().to(runtime.device) if cfg.gan_weight > 0 else None
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(model.parameters(), **opt_args)

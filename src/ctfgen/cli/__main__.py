@@ -1,0 +1,7 @@
+"""`python -m ctfgen.cli ...`: how torchrun starts the command (`torchrun ... -m ctfgen.cli train ...`)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

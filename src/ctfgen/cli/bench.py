@@ -1,0 +1,43 @@
+"""`ctfgen bench`: images/s of CTF and the baseline."""
+
+from __future__ import annotations
+
+from ..precision import PRECISIONS
+from ..sampling_params import STAGE1_DEFAULTS
+from .common import add_json_flag, add_pipeline_flag, print_json
+
+
+def register(commands) -> None:
+    bench = commands.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")
+    add_pipeline_flag(bench)
+    bench.add_argument("--batch", type=int, default=64, help="images per batch (default %(default)s)")
+    bench.add_argument("--cfg-scale", type=float, default=STAGE1_DEFAULTS.cfg_scale,
+                       help="stage-1 guidance (default %(default)s)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up run; the median counts "
+                       "(default %(default)s)")
+    bench.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA or "
+                       "bf16-capable CPUs, fp32 elsewhere (default %(default)s)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    bench.add_argument("--compile", action="store_true", help="time the torch.compile'd decode step (the warm-up "
+                       "run pays the compile time)")
+    add_json_flag(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from ..bench import benchmark
+    from ..pipeline import CTFPipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    result = benchmark(pipe, batch=args.batch, cfg_scale=args.cfg_scale, repeats=args.repeats,
+                       precision=args.precision, compile=args.compile)
+    if args.json:
+        print_json(result)
+    else:
+        for key in ("ctf", "baseline"):
+            if key in result:
+                print(f"{key}: {result[key]['images_per_s']:.1f} images/s")

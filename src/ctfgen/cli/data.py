@@ -1,0 +1,207 @@
+"""From a tokenizer to a pipeline: `ctfgen cluster`, `extract`, `redundancy`, `export` and `assemble`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..checkpoint import (
+    DTYPES,
+    checkpoint_step,
+    is_checkpoint,
+    load_config,
+    load_weights,
+    save_checkpoint,
+    write_atomic,
+)
+from ..clustering import METHODS, CoarseMap, cluster_codebook
+from ..errors import CtfgenError
+from ..tokenizer.model import VQModel
+from ..validation import check_destination, check_output
+from .common import (
+    add_data_flags,
+    add_device_flag,
+    add_json_flag,
+    add_overwrite_flag,
+    add_tokenizer_flag,
+    load_tokenizer_and_data,
+    print_json,
+)
+
+
+def register(commands) -> None:
+    cluster = commands.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
+    add_tokenizer_flag(cluster)
+    cluster.add_argument("--k", type=int, required=True, help="number of clusters (coarse vocabulary)")
+    cluster.add_argument("--method", choices=METHODS, default="kmeans", help="k-means, or a random partition (the "
+                         "control) (default %(default)s)")
+    cluster.add_argument("--seed", type=int, default=0, help="k-means++ starts or the random partition "
+                         "(default %(default)s)")
+    cluster.add_argument("--n-init", type=int, default=4, help="k-means restarts; the best is kept "
+                         "(default %(default)s)")
+    cluster.add_argument("--out", required=True, help="output .safetensors file")
+    add_json_flag(cluster)
+    add_overwrite_flag(cluster, "a coarse map written by ctfgen")
+    cluster.set_defaults(func=cmd_cluster)
+
+    extract = commands.add_parser("extract", help="encode a dataset to token grids on disk (torchrun shards it)")
+    add_tokenizer_flag(extract)
+    add_data_flags(extract, skip_bad=False)  # the codes hold every image of the split
+    extract.add_argument("--split", default="train", help="the data split (default %(default)s)")
+    extract.add_argument("--out", required=True, help="codes directory to write")
+    extract.add_argument("--flip", action="store_true", help="also store the codes of mirrored images")
+    extract.add_argument("--ten-crop", action="store_true", help="image folders: ten crops of a 1.1x resize")
+    extract.add_argument("--batch-size", type=int, default=500, help="images per batch (default %(default)s)")
+    extract.add_argument("--num-workers", type=int, default=0, help="data loading processes (default %(default)s: "
+                         "in this process)")
+    add_device_flag(extract)
+    add_overwrite_flag(extract, "codes extracted before")
+    extract.set_defaults(func=cmd_extract)
+
+    redundancy = commands.add_parser("redundancy", help="swap tokens within clusters and measure the damage")
+    add_tokenizer_flag(redundancy)
+    redundancy.add_argument("--map", required=True, help="coarse map from `ctfgen cluster`")
+    add_data_flags(redundancy)
+    redundancy.add_argument("--split", default="test", help="the data split (default %(default)s)")
+    redundancy.add_argument("--n", type=int, default=1000, help="images (default %(default)s)")
+    redundancy.add_argument("--seed", type=int, default=0, help="the images and the swaps (default %(default)s)")
+    redundancy.add_argument("--out", required=True, help="directory for redundancy.png and redundancy.json")
+    add_device_flag(redundancy)
+    add_json_flag(redundancy)
+    add_overwrite_flag(redundancy, "an earlier study's redundancy.png and redundancy.json")
+    redundancy.set_defaults(func=cmd_redundancy)
+
+    export = commands.add_parser("export", help="copy a checkpoint's weights without training state, cast to "
+                                                "fp16/bf16")
+    export.add_argument("checkpoint", help="checkpoint directory to read")
+    export.add_argument("out", help="checkpoint directory to write")
+    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
+                        "(default %(default)s)")
+    add_overwrite_flag(export, "a checkpoint written by ctfgen")
+    export.set_defaults(func=cmd_export)
+
+    assemble = commands.add_parser("assemble", help="gather trained parts into a pipeline directory "
+                                                    "(CTFPipeline format)")
+    assemble.add_argument("--out", required=True, help="pipeline directory to write")
+    assemble.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
+    assemble.add_argument("--map", help="coarse map (CTF)")
+    assemble.add_argument("--stage1", help="stage-1 checkpoint directory (CTF)")
+    assemble.add_argument("--stage2", help="stage-2 checkpoint directory (CTF)")
+    assemble.add_argument("--baseline", help="baseline checkpoint directory")
+    assemble.add_argument("--class-names", help="'fmnist' or comma-separated names, in class-id order")
+    assemble.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
+                          "(default %(default)s)")
+    add_overwrite_flag(assemble, "a pipeline written by ctfgen (its parts and pipeline.json; other files stay)")
+    assemble.set_defaults(func=cmd_assemble)
+
+
+def cmd_cluster(args) -> None:
+    check_output(args.out, flag="--out", what="a ctfgen coarse map", is_ours=CoarseMap.is_coarse_map,
+                 overwrite=args.overwrite, directory=False)
+    tic = time.perf_counter()
+    codebook = VQModel.from_pretrained(args.tokenizer).codebook_weights
+    coarse_map = cluster_codebook(codebook, args.k, method=args.method, seed=args.seed, n_init=args.n_init)
+    coarse_map.save(args.out)
+    result = {"out": str(args.out), "k": coarse_map.k, "method": coarse_map.method, "seed": coarse_map.seed,
+              "inertia": coarse_map.inertia, "cluster_sizes": coarse_map.size_stats(),
+              "fingerprint": coarse_map.fingerprint, "seconds": round(time.perf_counter() - tic, 2)}
+    if args.json:
+        print_json(result)
+    else:
+        sizes = result["cluster_sizes"]
+        print(f"wrote {args.out}: {coarse_map.vocab_size} codes -> {coarse_map.k} clusters ({args.method}), "
+              f"inertia {coarse_map.inertia:.2f}, sizes {sizes['min']}..{sizes['max']} in {result['seconds']}s")
+
+
+def cmd_extract(args) -> None:
+    from ..codes import extract_codes, is_codes_dir
+    from ..data import load_dataset
+    from ..distributed import launched
+
+    check_output(args.out, flag="--out", what="extracted codes", is_ours=is_codes_dir, overwrite=args.overwrite)
+    with launched(args.device) as runtime:
+        tokenizer = VQModel.from_pretrained(args.tokenizer, device=runtime.device)
+        dataset = load_dataset(args.data, args.split, data_dir=args.data_dir, image_size=args.image_size)
+        tic = time.perf_counter()
+        manifest = extract_codes(tokenizer, dataset, args.out, flip=args.flip, ten_crop=args.ten_crop,
+                                 batch_size=args.batch_size, num_workers=args.num_workers, runtime=runtime,
+                                 extra_manifest={"data": args.data, "split": args.split,
+                                                 "tokenizer": str(args.tokenizer)})
+        if runtime.is_main:
+            print(f"wrote {args.out}: {manifest['count']} images x {manifest['views']} views of "
+                  f"{manifest['grid'][0]}x{manifest['grid'][1]} tokens in {time.perf_counter() - tic:.0f}s")
+
+
+def cmd_redundancy(args) -> None:
+    from ..images import make_grid, save_png
+    from ..redundancy import redundancy_study
+
+    out = check_output(args.out, flag="--out", what="a redundancy study", overwrite=args.overwrite,
+                       is_ours=lambda path: (path / "redundancy.json").is_file())
+    model, dataset = load_tokenizer_and_data(args, args.split)
+    coarse_map = CoarseMap.load(args.map)
+    figures, grid = redundancy_study(model, coarse_map, dataset, args.n, seed=args.seed)
+    save_png(make_grid(grid, ncol=4), out / "redundancy.png")
+    write_atomic(out / "redundancy.json", lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2) + "\n"))
+    figures["grid"] = str(out / "redundancy.png")
+    if args.json:
+        print_json(figures)
+    else:
+        print(f"cluster swap PSNR {figures['kmeans_psnr']:.2f} dB vs random-map swap {figures['random_psnr']:.2f} dB "
+              f"over {figures['n_images']} images; grid (original | reconstruction | k-means swap | random swap) "
+              f"at {figures['grid']}")
+
+
+def cmd_export(args) -> None:
+    check_output(args.out, flag="output directory", what="a ctfgen checkpoint", is_ours=is_checkpoint,
+                 overwrite=args.overwrite)
+    config = load_config(args.checkpoint, kind=None)
+    config.pop("train", None)
+    config["exported_from"] = {"step": config.pop("step", None), "dtype": args.dtype}
+    save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {args.out} ({args.dtype})")
+
+
+def cmd_assemble(args) -> None:
+    from ..data import FMNIST_CLASSES
+    from ..models.gpt import GPT
+    from ..models.refiner import Refiner
+    from ..pipeline import INDEX_NAME, CTFPipeline
+
+    out = check_output(args.out, flag="--out", what="a ctfgen pipeline", overwrite=args.overwrite,
+                       is_ours=lambda path: (path / INDEX_NAME).is_file())
+    ctf = [args.map, args.stage1, args.stage2]
+    if any(ctf) and not all(ctf):
+        raise CtfgenError("CTF needs all of --map, --stage1 and --stage2")
+    if not any(ctf) and not args.baseline:
+        raise CtfgenError("give the CTF parts (--map, --stage1, --stage2), a --baseline, or both")
+    if args.class_names == "fmnist":
+        class_names = list(FMNIST_CLASSES)
+    else:
+        class_names = args.class_names.split(",") if args.class_names else None
+    pipe = CTFPipeline(VQModel.from_pretrained(args.tokenizer),
+                       CoarseMap.load(args.map) if args.map else None,
+                       GPT.from_pretrained(args.stage1) if args.stage1 else None,
+                       Refiner.from_pretrained(args.stage2) if args.stage2 else None,
+                       GPT.from_pretrained(args.baseline) if args.baseline else None, class_names=class_names)
+    provenance = {}
+    for name in ("tokenizer", "map", "stage1", "stage2", "baseline"):
+        source = getattr(args, name)
+        if source and Path(source).is_dir():  # a checkpoint (the map is a file)
+            provenance[name] = {"from": str(source), "step": checkpoint_step(source)}
+        elif source:
+            provenance[name] = {"from": str(source)}
+    _check_part_paths(pipe, out)
+    pipe.save_pretrained(out, dtype=None if args.dtype == "fp32" else args.dtype, provenance=provenance)
+    print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
+
+
+def _check_part_paths(pipe, out: Path) -> None:
+    """Refuse to assemble into a directory where a part's path holds something ctfgen did not write."""
+    for name, relative in pipe.part_paths().items():
+        path, is_map = out / relative, name == "coarse_map"
+        check_destination(path, directory=not is_map)
+        if path.exists() and not (CoarseMap.is_coarse_map(path) if is_map else is_checkpoint(path)):
+            raise CtfgenError(f"{path} is in the way of the pipeline's {name} and was not written by ctfgen; it is "
+                              f"left as it is: choose another --out")

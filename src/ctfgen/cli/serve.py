@@ -1,0 +1,35 @@
+"""`ctfgen serve`: the web demo."""
+
+from __future__ import annotations
+
+from ..serve.actions import Limits
+from .common import add_pipeline_flag
+
+
+def register(commands) -> None:
+    serve = commands.add_parser("serve", help="the web demo: a Gradio page (offline, loopback by default) that "
+                                              "streams the stage-1 preview and re-rolls details; needs ctfgen[web]")
+    add_pipeline_flag(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this "
+                       "machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
+    serve.add_argument("--max-images", type=int, default=Limits.max_images,
+                       help="images one request may ask for (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=Limits.max_queue,
+                       help="requests that may wait at once; more are told the server is busy (default %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=Limits.max_batch,
+                       help="images in one sampler call, over all the requests that share it (default %(default)s)")
+    serve.add_argument("--threads", type=int, help="torch threads of the sampler (default: torch's choice; on 2 "
+                       "cores 1 serves better, leaving a core to the previews and the web server)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    import torch
+
+    from ..serve.app import serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(args.pipeline, host=args.host, port=args.port,
+          limits=Limits(max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch))

@@ -1,0 +1,71 @@
+"""`ctfgen tokenizer train | eval | reconstruct`."""
+
+from __future__ import annotations
+
+from ..validation import check_output
+from .common import (
+    add_data_flags,
+    add_device_flag,
+    add_json_flag,
+    add_overwrite_flag,
+    add_tokenizer_flag,
+    load_tokenizer_and_data,
+    print_json,
+)
+from .train import register_tokenizer_train
+
+
+def register(commands) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="train and evaluate the VQ tokenizer")
+    subcommands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    register_tokenizer_train(subcommands)
+
+    evaluate = subcommands.add_parser("eval", help="PSNR and codebook usage on a split")
+    _add_study_flags(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=500, help="images per batch (default %(default)s)")
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--num-workers", type=int, default=0, help="data loading processes (default %(default)s: "
+                          "in this process)")
+    add_json_flag(evaluate)
+    evaluate.set_defaults(func=cmd_tokenizer_eval)
+
+    reconstruct = subcommands.add_parser("reconstruct", help="originals vs reconstructions PNG")
+    _add_study_flags(reconstruct)
+    reconstruct.add_argument("--out", default="reconstructions.png", help="the PNG to write (default %(default)s)")
+    reconstruct.add_argument("--n", type=int, default=32, help="images (default %(default)s)")
+    reconstruct.add_argument("--columns", type=int, default=8, help="pairs per row (default %(default)s)")
+    add_overwrite_flag(reconstruct, "a PNG written by ctfgen")
+    reconstruct.set_defaults(func=cmd_tokenizer_reconstruct)
+
+
+def _add_study_flags(parser) -> None:
+    add_tokenizer_flag(parser)
+    parser.add_argument("--split", default="test", help="the data split (default %(default)s)")
+    add_data_flags(parser)
+    add_device_flag(parser)
+
+
+def cmd_tokenizer_eval(args) -> None:
+    from ..tokenizer.evaluate import evaluate_tokenizer
+
+    model, dataset = load_tokenizer_and_data(args, args.split)
+    result = evaluate_tokenizer(model, dataset, batch_size=args.batch_size, limit=args.limit,
+                                num_workers=args.num_workers)
+    result |= {"split": args.split, "tokenizer": str(args.tokenizer)}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"PSNR {result['psnr']:.2f} dB over {result['n_images']} images; codebook usage "
+              f"{result['codebook_usage']:.1%} ({result['codes_used']}/{result['codebook_size']})")
+
+
+def cmd_tokenizer_reconstruct(args) -> None:
+    from ..images import is_ctfgen_png, make_grid, save_png
+    from ..tokenizer.evaluate import reconstruction_pairs
+
+    check_output(args.out, flag="--out", what="a PNG written by ctfgen", is_ours=is_ctfgen_png,
+                 overwrite=args.overwrite, directory=False)
+    model, dataset = load_tokenizer_and_data(args, args.split)
+    pairs = reconstruction_pairs(model, dataset, args.n)
+    print(f"wrote {save_png(make_grid(pairs, ncol=2 * min(args.columns, args.n)), args.out)} "
+          f"(original | reconstruction pairs)")
