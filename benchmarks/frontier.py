@@ -1,0 +1,235 @@
+"""The speed-quality frontier: FID against images/s for the baseline at several sizes and CTF with a full and a
+small refiner, at batch 1, 16 and 64, and the time to the first preview and to the final image at batch 1.
+
+    python benchmarks/frontier.py --points benchmarks/frontier_points.json \
+        --json docs/frontier.json --plot docs/frontier.png
+    python benchmarks/frontier.py --plot-only --json docs/frontier.json --plot docs/frontier.png   # redraw
+
+`--points` names each point's parts (checkpoint directories; the tokenizer, coarse map and class names come from
+`pipeline`) and the line it belongs to. Speed: every point at every batch size, timed interleaved (repeat r runs
+all of them before repeat r + 1 starts, so load from other processes hits them alike), median of `--repeats`
+after a warm-up, in the transformers' `--dtype`, with torch's threads. At batch 1 the time to the first preview
+is when a streaming client (the web demo) has CTF's whole coarse grid decoded as cluster means: stage 1 done,
+stage 2 not yet; the baseline has no preview. Quality: FID (and the other `ctfgen eval` metrics) of `--per-class`
+x 10 samples drawn as `ctfgen sample --per-class N --batch 250 --seed S --dtype D` draws them, cached under
+`--cache` by a key over the parts' weights, the settings, the count, the seed and the dtype, so that re-running
+re-times but never re-samples. Prints the table and the Pareto verdict: CTF dominates the baseline when every
+baseline point has a CTF point with a lower FID and at least its images/s, at each batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ctfgen.checkpoint import DTYPES
+from ctfgen.evaluation import evaluate_pipeline, load_feature_network
+from ctfgen.models.gpt import GPT
+from ctfgen.models.refiner import Refiner
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.precision import cpu_has_fast_bf16
+from ctfgen.sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
+
+BATCHES = (1, 16, 64)
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
+FID_BATCH = 250  # `ctfgen sample`'s batch for the FID samples (a seed's images depend on the batch size's kernels)
+
+
+def load_points(path: Path) -> tuple[CTFPipeline, list[dict]]:
+    """The shared parts (from the spec's `pipeline`) and the points, each with its CTFPipeline under "pipe"."""
+    spec = json.loads(path.read_text())
+    shared = CTFPipeline.from_pretrained(spec["pipeline"])
+    points = []
+    for point in spec["points"]:
+        if point["method"] == "baseline":
+            pipe = CTFPipeline(shared.tokenizer, baseline=GPT.from_pretrained(point["baseline"]),
+                               class_names=shared.class_names)
+        else:
+            pipe = CTFPipeline(shared.tokenizer, shared.coarse_map, GPT.from_pretrained(point["stage1"]),
+                               Refiner.from_pretrained(point["stage2"]), class_names=shared.class_names)
+        points.append({**point, "pipe": pipe})
+    return shared, points
+
+
+def parts_of(point: dict) -> list[str]:
+    return [point["baseline"]] if point["method"] == "baseline" else [point["stage1"], point["stage2"]]
+
+
+def params_of(pipe: CTFPipeline, method: str) -> dict:
+    if method == "baseline":
+        return {"baseline": pipe.baseline.num_params()}
+    return {"stage1": pipe.stage1.num_params(), "stage2": pipe.stage2.num_params()}
+
+
+def cache_key(point: dict, per_class: int, seed: int, dtype: str) -> str:
+    """What the FID depends on: the weights (by content), the method, the settings, the count, seed and dtype."""
+    digest = hashlib.sha256()
+    for part in parts_of(point):
+        digest.update(hashlib.sha256((Path(part) / "model.safetensors").read_bytes()).digest())
+    settings = {"method": point["method"], "sampling": asdict(STAGE1_DEFAULTS), "stage2": asdict(STAGE2_DEFAULTS),
+                "per_class": per_class, "seed": seed, "dtype": dtype, "batch": FID_BATCH}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def quality(point: dict, per_class: int, seed: int, dtype: str, cache: Path, network_box: list) -> dict:
+    """The point's metrics from the cache, or sampled and scored (minutes) and then cached."""
+    path = cache / f"{cache_key(point, per_class, seed, dtype)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if not network_box:
+        network_box.append(load_feature_network("fmnist"))
+    tic = time.perf_counter()
+    result = evaluate_pipeline(point["pipe"].copy(DTYPES[dtype]), network_box[0], per_class, batch_size=FID_BATCH,
+                               seed=seed, mode=point["method"])
+    metrics = {key: result[key] for key in METRICS} | {"n_samples": result["n_samples"],
+                                                       "seconds": round(time.perf_counter() - tic, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"{point['name']}: FID {metrics['fid']:.2f} ({metrics['n_samples']} samples, {metrics['seconds']} s)",
+          flush=True)
+    return metrics
+
+
+def timed_request(pipe: CTFPipeline, method: str, batch: int) -> callable:
+    """One timed unit at `batch`: max(batch, 4) images (4 one after another at batch 1), as seconds per image."""
+    n = max(batch, 4)
+    labels = torch.arange(n) % pipe.num_classes
+
+    def run() -> float:
+        tic = time.perf_counter()
+        pipe(labels, mode=method, batch_size=batch, seed=0, output_type="pt")
+        return (time.perf_counter() - tic) / n
+    return run
+
+
+def latency(pipe: CTFPipeline, method: str) -> dict:
+    """One image at batch 1: seconds to the first preview (CTF: stage 1 done and its grid decoded as cluster
+    means, as the web demo streams it) and to the final image."""
+    tic, preview_at = time.perf_counter(), []
+    steps = pipe.grid ** 2
+
+    def on_step(first, step, tokens):
+        if method == "ctf" and step == steps and not preview_at:
+            pipe.decode_preview(tokens.view(-1, pipe.grid, pipe.grid))
+            preview_at.append(time.perf_counter() - tic)
+
+    pipe([0], mode=method, batch_size=1, seed=0, output_type="pt", callback=on_step, callback_steps=steps)
+    return {"first_preview_s": preview_at[0] if preview_at else None, "final_s": time.perf_counter() - tic}
+
+
+def speed(points: list[dict], dtype: str, repeats: int) -> None:
+    """images/s at each batch size and batch-1 latencies of every point, interleaved; into each point."""
+    pipes = [point["pipe"].copy(DTYPES[dtype]) for point in points]
+    units = {(i, batch): timed_request(pipe, point["method"], batch)
+             for i, (point, pipe) in enumerate(zip(points, pipes)) for batch in BATCHES}
+    seconds = {key: [] for key in units}
+    latencies = {i: [] for i in range(len(points))}
+    for key, unit in units.items():  # warm-up: first calls allocate caches and pick kernels
+        unit()
+    for _ in range(repeats):
+        for key, unit in units.items():
+            seconds[key].append(unit())
+        for i, (point, pipe) in enumerate(zip(points, pipes)):
+            latencies[i].append(latency(pipe, point["method"]))
+    for i, point in enumerate(points):
+        point["images_per_s"] = {str(b): 1 / statistics.median(seconds[(i, b)]) for b in BATCHES}
+        for key in ("first_preview_s", "final_s"):
+            values = [lat[key] for lat in latencies[i] if lat[key] is not None]
+            point[key] = statistics.median(values) if values else None
+
+
+def pareto(points: list[dict]) -> dict:
+    """For each baseline point and batch size, the CTF points with a lower FID and at least its images/s."""
+    ctf = [p for p in points if p["method"] == "ctf"]
+    verdict, dominated = {}, True
+    for base in (p for p in points if p["method"] == "baseline"):
+        for b in map(str, BATCHES):
+            better = [c["name"] for c in ctf
+                      if c["fid"] < base["fid"] and c["images_per_s"][b] >= base["images_per_s"][b]]
+            verdict[f"{base['name']} @ batch {b}"] = better
+            dominated &= bool(better)
+    return {"ctf_dominates_baseline": dominated, "dominating_ctf_points": verdict}
+
+
+def table(points: list[dict]) -> str:
+    rows = ["| point | params (M) | FID | images/s @1 | @16 | @64 | batch 1: first preview | final image |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in points:
+        params = " + ".join(f"{n / 1e6:.1f}" for n in p["params"].values())
+        preview = f"{p['first_preview_s'] * 1000:.0f} ms" if p["first_preview_s"] else "-"
+        ips = " | ".join(f"{p['images_per_s'][str(b)]:.1f}" for b in BATCHES)
+        rows.append(f"| {p['name']} | {params} | {p['fid']:.1f} | {ips} | {preview} | {p['final_s'] * 1000:.0f} ms |")
+    return "\n".join(rows)
+
+
+def plot(result: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    lines = list(dict.fromkeys(p["line"] for p in points))
+    colours = dict(zip(lines, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = dict(zip(map(str, BATCHES), ("o:", "s--", "^-")))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for line in lines:
+        mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["fid"])
+        for b, style in styles.items():
+            ax.plot([p["images_per_s"][b] for p in mine], [p["fid"] for p in mine], style, color=colours[line],
+                    label=f"{line}, batch {b}", markersize=5)
+        for p in mine:
+            ax.annotate(p["size"], (p["images_per_s"]["64"], p["fid"]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7, color=colours[line])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s ({result['machine']['threads']} CPU threads, {result['dtype']})")
+    ax.set_ylabel(f"FID ({result['n_samples']} samples; lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=len(lines), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", default="benchmarks/frontier_points.json")
+    parser.add_argument("--per-class", type=int, default=1000, help="FID samples per class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cpu_has_fast_bf16() else "fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", default="runs/frontier/fid", help="FID cache directory")
+    parser.add_argument("--json", default="frontier.json", help="write (or, with --plot-only, read) the results")
+    parser.add_argument("--plot", default="frontier.png")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --json")
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.json).read_text()), args.plot)
+        return
+    _, points = load_points(Path(args.points))
+    network_box = []
+    for point in points:
+        point |= quality(point, args.per_class, args.seed, args.dtype, Path(args.cache), network_box)
+        point["params"] = params_of(point["pipe"], point["method"])
+    speed(points, args.dtype, args.repeats)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__}
+    result = {"dtype": args.dtype, "seed": args.seed, "n_samples": points[0]["n_samples"], "machine": machine,
+              "points": [{k: v for k, v in p.items() if k != "pipe"} for p in points]}
+    result["pareto"] = pareto(result["points"])
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.plot)
+    print(table(result["points"]))
+    print(json.dumps(result["pareto"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
