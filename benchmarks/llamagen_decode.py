@@ -40,8 +40,11 @@ Patches to LlamaGen: none; its code runs unchanged on CPU with torch 2.x. genera
 upstream), which work on CPU builds. `decode_n_tokens` enters
 `torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)`
 every step; despite the name its flags are global and CPU dispatch honours them, so LlamaGen's
-decode steps run the MATH attention backend (its prefill, and all of ours, run the default: the CPU
-flash kernel). That is LlamaGen's code as written and is kept and timed. Recent torch versions emit
+decode steps run the MATH attention backend (its prefill runs the default: the CPU flash kernel). That is
+LlamaGen's code as written and is kept and timed. Ours, on the CPU, attends with two batched matmuls over
+the filled part of its cache (`ctfgen.models.blocks.attention_few_queries`) and runs its matmuls on
+oneDNN-packed copies of the weights (`PackedWeights`); the greedy check compares tokens across these
+different kernels. Recent torch versions emit
 a FutureWarning (deprecated API) from it; that warning alone is filtered.
 
 Compilation: none by default. --compile compiles our one-token decode step

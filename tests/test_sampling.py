@@ -10,9 +10,12 @@ from ctfgen.sampling import (
     generate,
     generate_uncached,
     image_uniforms,
+    member_table,
     refine,
     request_seed,
     sample_categorical,
+    sample_within_clusters,
+    sample_within_clusters_loop,
 )
 from ctfgen.sampling_params import SamplingParams
 
@@ -145,6 +148,31 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
     probs = masked[0].double().softmax(-1)
     assert (freq - probs).abs().max() <= 1 / n + 1e-6
     assert freq[probs == 0].sum() == 0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0}, {"temperature": 1.7}, {"top_k": 3}, {"top_p": 0.6}])
+def test_batched_within_cluster_sampling_picks_the_tokens_of_the_loop(kwargs):
+    """All clusters in one batched matmul and one sampling call (positions in chunks, clusters padded and masked)
+    pick, in float64 and for the same numbers, exactly the tokens of the cluster-by-cluster loop it replaced, however
+    the positions are chunked."""
+    torch.manual_seed(3)
+    coarse_map = cluster_codebook(torch.randn(64, 4), 8, seed=0)
+    table, sizes = member_table(coarse_map.coarse_of_fine)
+    assert len(set(sizes.tolist())) > 1 and table.shape == (8, int(sizes.max()))  # uneven clusters: padding matters
+    for cluster, size in enumerate(sizes.tolist()):
+        assert torch.equal(table[cluster, :size], torch.nonzero(coarse_map.coarse_of_fine == cluster).flatten())
+    refiner = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, block_size=16,
+                                     num_classes=10)).eval().double()
+    torch.nn.init.normal_(refiner.output.weight, std=1.0)
+    hidden = torch.randn(5, 16, refiner.config.dim, dtype=torch.float64)
+    coarse = torch.randint(1, 8, (5, 16))  # cluster 0 never appears
+    uniforms = torch.rand(5, 16, dtype=torch.float64)
+    params = SamplingParams(**kwargs)
+    loop = sample_within_clusters_loop(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms)
+    assert torch.equal(coarse_map.coarse_of_fine[loop], coarse)
+    for chunk in (1, 3, 32, 100):
+        batched = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms, chunk)
+        assert torch.equal(batched, loop), chunk
 
 
 @pytest.mark.slow

@@ -1,9 +1,15 @@
 """`ctfgen bench`: sampling throughput of CTF against the baseline, measured in one process.
 
 Every figure is the median over repeated runs after a warm-up; the runs of all stages and of both
-methods alternate, so that load from other processes hits them alike. Besides images/s, the decode step
-(one stage-1 token for the whole batch) is reported as achieved FLOP/s, and as a fraction of this
-machine's bf16 matmul peak measured in the same run.
+methods alternate, so that load from other processes hits them alike. Besides images/s, each stage is reported as
+achieved FLOP/s (matmul and convolution FLOPs: what the stage computes, not what it reads) and as a fraction of this
+machine's matmul peak in the stage's dtype, measured in the same run (`*_fraction_of_peak`): the stage-1 and
+baseline decode steps (one token for the whole batch, mid-sequence), the stage-2 pass and the tokenizer's decode.
+
+The peak is that of a large square matmul (1024^3). A decode step multiplies ~2 x batch rows by small weight
+matrices, which no kernel runs at that peak; so the decode steps are also reported against the FLOP/s of their own
+matmuls alone, at their exact shapes and with their kernels, back to back with the weights in cache
+(`decode_step_fraction_of_shape_peak`): what the step would reach if nothing but its matmuls took time.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from .models.blocks import packed_linear
 from .pipeline import CTFPipeline
 from .precision import resolve_precision
 from .sampling import image_uniforms
-from .sampling_params import STAGE1_DEFAULTS, SamplingParams
+from .sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
 
 
 def interleaved_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -42,18 +50,46 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return interleaved_median_seconds({"fn": fn}, repeats, warmup)["fn"]
 
 
-def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 9) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, warmup=2)
 
 
-def decode_step_flops(model, rows: int, position: int) -> float:
-    """Matmul FLOPs of one cached decode step: weights (without the embedding tables) + attention."""
+def matmul_weights(model) -> int:
+    """The entries of the weight matrices a token meets (all 2-D weights but the embedding tables, which are read,
+    not multiplied): the matmul FLOPs per token are twice this."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.dim() == 2 and "embedding" not in name and "tok_embeddings" not in name)
+
+
+def decode_step_flops(model, rows: int, kv_len: int) -> float:
+    """Matmul FLOPs of one cached decode step over `rows` rows attending to kv_len cache positions: every weight
+    matrix (QKV, output projection, SwiGLU's three, the output head), and q k^T and p v over the cache."""
     cfg = model.config
-    weights = sum(p.numel() for name, p in model.named_parameters()
-                  if p.dim() == 2 and "embedding" not in name and "tok_embeddings" not in name)
-    attention = 2 * 2 * cfg.n_layer * cfg.dim * position
-    return rows * (2 * weights + attention)
+    return rows * (2 * matmul_weights(model) + 2 * 2 * cfg.n_layer * cfg.dim * kv_len)
+
+
+def refine_flops(refiner, coarse: torch.Tensor, coarse_of_fine: torch.Tensor, rows: int) -> float:
+    """Matmul FLOPs of the stage-2 pass over the coarse grids [B, T] (rows = B, or 2B with guidance): the
+    bidirectional transformer over 1 + T tokens a row, then each position's logits over its cluster's members only."""
+    cfg, tokens = refiner.config, 1 + coarse.shape[1]
+    blocks = matmul_weights(refiner) - refiner.output.weight.numel()
+    transformer = rows * tokens * (2 * blocks + 2 * 2 * cfg.n_layer * cfg.dim * tokens)
+    members = torch.bincount(coarse_of_fine)[coarse.flatten().cpu()].sum().item()
+    return transformer + 2 * cfg.dim * members
+
+
+def counted_flops(fn) -> float:
+    """Matmul and convolution FLOPs of fn(), counted by torch's FlopCounterMode (here also the CPU's fused
+    attention kernel, which it does not count by itself)."""
+    def flash_cpu(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, s_q, d = q_shape
+        return 2 * 2 * b * h * s_q * k_shape[2] * d
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flash_cpu})
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -92,10 +128,14 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
                   "baseline_gpt": lambda: pipe.baseline_tokens(labels, sampling, uniforms[:, 0])}
     images_per_s = {name: batch / seconds for name, seconds in interleaved_median_seconds(timed, repeats).items()}
     if pipe.stage1 is not None:
+        stage2_rows = 2 * batch if STAGE2_DEFAULTS.guided else batch
+        stage2_flops = refine_flops(pipe.stage2, coarse.flatten(1), pipe.coarse_map.coarse_of_fine, stage2_rows)
         result["ctf"] = {
             "stage1_images_per_s": images_per_s["ctf_stage1"], "stage2_images_per_s": images_per_s["ctf_stage2"],
             "decode_images_per_s": images_per_s["ctf_decode"], "images_per_s": images_per_s["ctf"],
             "stage1_params": pipe.stage1.num_params(), "stage2_params": pipe.stage2.num_params(),
+            "stage2_flops": stage2_flops * images_per_s["ctf_stage2"] / batch,
+            "tokenizer_decode_flops": counted_flops(lambda: pipe.decode(fine)) * images_per_s["ctf_decode"] / batch,
         }
         result["ctf"] |= decode_step_report(pipe.stage1, batch, cfg_scale, dtype)
     if pipe.baseline is not None:
@@ -104,18 +144,27 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
         result["baseline"] |= decode_step_report(pipe.baseline, batch, cfg_scale, dtype)
     if "ctf" in result and "baseline" in result:
         result["ctf_over_baseline"] = result["ctf"]["images_per_s"] / result["baseline"]["images_per_s"]
-    # Both peaks, and the fraction against the one the models run in (bf16 is slow on CPUs without it).
+    # Both peaks, and each stage's fraction against the one it runs in (bf16 is slow on CPUs without it); the
+    # tokenizer always runs in fp32.
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16)
     result["fp32_matmul_peak_flops"] = matmul_peak_flops(torch.float32)
     peak = result["bf16_matmul_peak_flops" if dtype == torch.bfloat16 else "fp32_matmul_peak_flops"]
     for key in ("ctf", "baseline"):
         if key in result:
-            result[key]["decode_step_fraction_of_peak"] = result[key]["decode_step_flops"] / peak
+            report = result[key]
+            report["decode_step_fraction_of_peak"] = report["decode_step_flops"] / peak
+            report["decode_step_fraction_of_shape_peak"] = (report["decode_step_flops"]
+                                                            / report["decode_step_shape_peak_flops"])
+    if "ctf" in result:
+        result["ctf"]["stage2_fraction_of_peak"] = result["ctf"]["stage2_flops"] / peak
+        result["ctf"]["tokenizer_decode_fraction_of_peak"] = (result["ctf"]["tokenizer_decode_flops"]
+                                                              / result["fp32_matmul_peak_flops"])
     return result
 
 
 def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) -> dict:
-    """Time one mid-sequence cached decode step and turn it into achieved FLOP/s."""
+    """Time one mid-sequence cached decode step and turn it into achieved FLOP/s; and the FLOP/s of the step's own
+    matmuls alone (`step_matmuls_seconds`), the step's ceiling."""
     rows = 2 * batch if cfg_scale > 1 else batch
     device = next(model.parameters()).device
     model.setup_caches(max_batch_size=rows, dtype=dtype)
@@ -124,5 +173,32 @@ def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) 
     token = torch.zeros(rows, dtype=torch.long, device=device)
     input_pos = torch.tensor([position], device=device)
     seconds = median_seconds(lambda: model.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
+    flops = decode_step_flops(model, rows, kv_len=position + 1)
+    matmul_seconds = step_matmuls_seconds(model, rows, dtype)
     model.clear_caches()
-    return {"decode_step_ms": seconds * 1e3, "decode_step_flops": decode_step_flops(model, rows, position) / seconds}
+    matmul_flops = rows * 2 * matmul_weights(model)
+    return {"decode_step_ms": seconds * 1e3, "decode_step_flops": flops / seconds,
+            "decode_step_matmuls_ms": matmul_seconds * 1e3,
+            "decode_step_shape_peak_flops": matmul_flops / matmul_seconds}
+
+
+def step_matmuls_seconds(model, rows: int, dtype: torch.dtype) -> float:
+    """Seconds of the matmuls of one decode step of `rows` rows alone, as the step runs them (on pre-packed weights
+    where it does, else F.linear), one after the other in the step's order, on inputs that stay in cache."""
+    packed = model.decode_weights()
+    device = next(model.parameters()).device
+    if packed is not None:
+        weights = [w for layer in packed.layers for w in layer] + [packed.output]
+        def matmul(x, w):
+            return packed_linear(x, w)
+    else:
+        weights = [w for layer in model.layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight,
+                   layer.feed_forward.w1.weight, layer.feed_forward.w3.weight, layer.feed_forward.w2.weight)]
+        weights.append(model.output.weight)
+        matmul = torch.nn.functional.linear
+    inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1], dtype=dtype, device=device) for w in weights}
+
+    def step():
+        for w in weights:
+            matmul(inputs[w.shape[1]], w)
+    return median_seconds(step, repeats=20, warmup=3)

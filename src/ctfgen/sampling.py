@@ -192,10 +192,48 @@ def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_
 
 
 def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor, coarse_of_fine: torch.Tensor,
-                           params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
-    """Fine tokens [B, T]: at each position, sampled (by its number in uniforms [B, T]) from the softmax
-    over its cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the members' logits
-    are computed (cluster by cluster), not all V of them: a cluster holds V / K codewords on average."""
+                           params: SamplingParams, uniforms: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Fine tokens [B, T]: at each position, sampled (by its number in uniforms [B, T]) from the softmax over its
+    cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the members' logits are computed, not
+    all V of them (a cluster holds V / K codewords on average), and all at once: the positions, grouped by cluster
+    into chunks of up to `chunk` positions, meet their cluster's rows of the output layer in one batched matmul;
+    clusters are padded to the largest one, and the padding masked out of one batched sampling call."""
+    flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
+    table, sizes = member_table(coarse_of_fine)  # [K, M] fine ids of each cluster, padded; [K] cluster sizes
+    k, n = len(sizes), len(flat_coarse)
+    order = torch.argsort(flat_coarse, stable=True)  # positions grouped by cluster
+    clusters = flat_coarse[order]
+    counts = torch.bincount(flat_coarse, minlength=k)
+    chunks = (counts + chunk - 1) // chunk  # per cluster
+    rank = torch.arange(n, device=coarse.device) - (torch.cumsum(counts, 0) - counts)[clusters]  # within its cluster
+    rows = (torch.cumsum(chunks, 0) - chunks)[clusters] * chunk + rank  # each position's row among the chunks' rows
+    n_chunks = int(chunks.sum())
+    grouped = flat_hidden.new_zeros(n_chunks * chunk, flat_hidden.shape[-1])
+    grouped.index_copy_(0, rows, flat_hidden.index_select(0, order))
+    chunk_ids = table[torch.repeat_interleave(torch.arange(k, device=coarse.device), chunks)]  # [chunks, M]
+    logits = refiner.member_logits(grouped.view(n_chunks, chunk, -1), chunk_ids).flatten(0, 1).index_select(0, rows)
+    padding = torch.arange(table.shape[1], device=coarse.device) >= sizes[clusters, None]
+    picked = sample_tokens(logits.masked_fill(padding, float("-inf")), params, flat_uniforms[order])
+    fine = torch.empty_like(flat_coarse)
+    fine[order] = table[clusters, picked]
+    return fine.view_as(coarse)
+
+
+def member_table(coarse_of_fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine ids of each cluster in increasing order, [K, M] padded with 0 to the largest cluster's size M, and
+    the clusters' sizes [K]."""
+    sizes = torch.bincount(coarse_of_fine)
+    members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
+    rank = torch.arange(len(members), device=members.device) - (torch.cumsum(sizes, 0) - sizes)[coarse_of_fine[members]]
+    table = members.new_zeros(len(sizes), int(sizes.max()))
+    table[coarse_of_fine[members], rank] = members
+    return table, sizes
+
+
+def sample_within_clusters_loop(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor,
+                                coarse_of_fine: torch.Tensor, params: SamplingParams,
+                                uniforms: torch.Tensor) -> torch.Tensor:
+    """`sample_within_clusters` cluster by cluster in a Python loop (what it replaced): the reference of the tests."""
     flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
     members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
     bounds = torch.cumsum(torch.bincount(coarse_of_fine, minlength=int(coarse_of_fine.max()) + 1), 0).tolist()

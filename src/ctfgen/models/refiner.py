@@ -52,8 +52,10 @@ class Refiner(ClassConditionalTransformer):
 
     def member_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The fp32 logits of the fine tokens token_ids [n] at hidden states [..., dim] (from `hidden`): [..., n],
-        those columns of the full logits, at the cost of n of the vocab_size output rows."""
-        return (hidden @ self.output.weight[token_ids].T).float()
+        those columns of the full logits, at the cost of n of the vocab_size output rows. Batched: token_ids [G, n]
+        for hidden [G, rows, dim] gives [G, rows, n], group g's rows against its own tokens."""
+        rows = self.output.weight.index_select(0, token_ids.flatten()).view(*token_ids.shape, -1)  # row copies
+        return (hidden @ rows.mT).float()
 
     def forward(self, coarse: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None):
         """coarse [B, T] coarse labels of a grid in raster order (T <= block_size, normally the whole
