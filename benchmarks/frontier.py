@@ -43,12 +43,16 @@ METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
 FID_BATCH = 250  # `ctfgen sample`'s batch for the FID samples (a seed's images depend on the batch size's kernels)
 
 
-def load_points(path: Path) -> tuple[CTFPipeline, list[dict]]:
-    """The shared parts (from the spec's `pipeline`) and the points, each with its CTFPipeline under "pipe"."""
+def load_points(path: Path, skip_missing: bool = False) -> list[dict]:
+    """The points, each with its CTFPipeline under "pipe" (the tokenizer, coarse map and class names from the
+    spec's `pipeline`). With `skip_missing`, points whose parts are not there yet (still training) are left out."""
     spec = json.loads(path.read_text())
     shared = CTFPipeline.from_pretrained(spec["pipeline"])
     points = []
     for point in spec["points"]:
+        if skip_missing and not all((Path(part) / "model.safetensors").is_file() for part in parts_of(point)):
+            print(f"{point['name']}: parts not there yet, skipped")
+            continue
         if point["method"] == "baseline":
             pipe = CTFPipeline(shared.tokenizer, baseline=GPT.from_pretrained(point["baseline"]),
                                class_names=shared.class_names)
@@ -56,7 +60,7 @@ def load_points(path: Path) -> tuple[CTFPipeline, list[dict]]:
             pipe = CTFPipeline(shared.tokenizer, shared.coarse_map, GPT.from_pretrained(point["stage1"]),
                                Refiner.from_pretrained(point["stage2"]), class_names=shared.class_names)
         points.append({**point, "pipe": pipe})
-    return shared, points
+    return points
 
 
 def parts_of(point: dict) -> list[str]:
@@ -210,15 +214,19 @@ def main() -> None:
     parser.add_argument("--json", default="frontier.json", help="write (or, with --plot-only, read) the results")
     parser.add_argument("--plot", default="frontier.png")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --json")
+    parser.add_argument("--fid-only", action="store_true", help="only sample and cache the FIDs of the points "
+                        "whose parts exist (e.g. while others still train); no timing, no --json")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.json).read_text()), args.plot)
         return
-    _, points = load_points(Path(args.points))
+    points = load_points(Path(args.points), skip_missing=args.fid_only)
     network_box = []
     for point in points:
         point |= quality(point, args.per_class, args.seed, args.dtype, Path(args.cache), network_box)
         point["params"] = params_of(point["pipe"], point["method"])
+    if args.fid_only:
+        return
     speed(points, args.dtype, args.repeats)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__}

@@ -186,7 +186,13 @@ def test_bench_times_a_copy_and_leaves_the_models_alone(pipe):
     caches = [layer.attention.kv_cache for layer in pipe.stage1.layers]  # set up by earlier requests, if any
     result = benchmark(pipe, batch=4, repeats=1, precision="bf16")
     assert result["precision"] == "bf16" and result["ctf"]["images_per_s"] > 0
-    assert result["baseline"]["images_per_s"] > 0 and 0 < result["ctf"]["decode_step_fraction_of_peak"] < 1.5
+    assert result["baseline"]["images_per_s"] > 0
+    # A fraction of the peak is FLOPs per second over the peak of the step's dtype, measured in the same run (no
+    # ceiling asserted: where bf16 is emulated, a step's fp32 parts outrun the bf16 matmul peak).
+    peak = result["bf16_matmul_peak_flops"]
+    for key in ("ctf", "baseline"):
+        fraction = result[key]["decode_step_fraction_of_peak"]
+        assert fraction > 0 and fraction == pytest.approx(result[key]["decode_step_flops"] / peak)
     for model in (pipe.stage1, pipe.stage2, pipe.baseline):
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not pipe.decoding_compiled
