@@ -176,29 +176,35 @@ def table(points: list[dict]) -> str:
 
 
 def plot(result: dict, out: str) -> None:
+    """One panel per batch size: FID against images/s, a line per method through its sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     points = result["points"]
     lines = list(dict.fromkeys(p["line"] for p in points))
-    colours = dict(zip(lines, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    styles = dict(zip(map(str, BATCHES), ("o:", "s--", "^-")))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for line in lines:
-        mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["fid"])
-        for b, style in styles.items():
-            ax.plot([p["images_per_s"][b] for p in mine], [p["fid"] for p in mine], style, color=colours[line],
-                    label=f"{line}, batch {b}", markersize=5)
-        for p in mine:
-            ax.annotate(p["size"], (p["images_per_s"]["64"], p["fid"]), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7, color=colours[line])
-    ax.set_xscale("log")
-    ax.set_xlabel(f"images/s ({result['machine']['threads']} CPU threads, {result['dtype']})")
-    ax.set_ylabel(f"FID ({result['n_samples']} samples; lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=len(lines), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(10, 3.6), dpi=120, sharey=True)
+    for ax, batch in zip(axes, map(str, BATCHES)):
+        for line, marker in zip(lines, "osD^v"):
+            mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["images_per_s"][batch])
+            xs, ys = [p["images_per_s"][batch] for p in mine], [p["fid"] for p in mine]
+            drawn = ax.plot(xs, ys, marker=marker, label=line)[0]
+            for p, x, y in zip(mine, xs, ys):
+                ax.annotate(p["size"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=drawn.get_color())
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="both", labelsize=7)
+        ax.set_title(f"batch {batch}", fontsize=9)
+        ax.set_xlabel("images/s")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"FID ({result['n_samples']} samples; lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Fashion-MNIST; CPU threads: {result['machine']['threads']}; {result['dtype']}; labels: stage-1 "
+                 f"or baseline size", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
 
