@@ -137,7 +137,7 @@ def speed(points: list[dict], dtype: str, repeats: int) -> None:
              for i, (point, pipe) in enumerate(zip(points, pipes)) for batch in BATCHES}
     seconds = {key: [] for key in units}
     latencies = {i: [] for i in range(len(points))}
-    for key, unit in units.items():  # warm-up: first calls allocate caches and pick kernels
+    for unit in units.values():  # warm-up: first calls allocate caches and pick kernels
         unit()
     for _ in range(repeats):
         for key, unit in units.items():
