@@ -11,6 +11,7 @@ import types
 import typing
 
 from ..assets import pretrained_dir
+from ..checkpoint import DTYPES
 from ..validation import flag_name
 
 
@@ -104,6 +105,12 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace the output when it holds {what}; "
                         "anything else is never replaced")
+
+
+def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """--dtype of the weights a command writes (export, assemble): small enough to ship, by default."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
+                        "(default %(default)s)")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from ..checkpoint import (
-    DTYPES,
     checkpoint_step,
     is_checkpoint,
     load_config,
@@ -25,6 +24,7 @@ from .common import (
     add_json_flag,
     add_overwrite_flag,
     add_tokenizer_flag,
+    add_weights_dtype_flag,
     load_tokenizer_and_data,
     print_json,
 )
@@ -76,8 +76,7 @@ def register(commands) -> None:
                                                 "fp16/bf16")
     export.add_argument("checkpoint", help="checkpoint directory to read")
     export.add_argument("out", help="checkpoint directory to write")
-    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
-                        "(default %(default)s)")
+    add_weights_dtype_flag(export)
     add_overwrite_flag(export, "a checkpoint written by ctfgen")
     export.set_defaults(func=cmd_export)
 
@@ -90,8 +89,7 @@ def register(commands) -> None:
     assemble.add_argument("--stage2", help="stage-2 checkpoint directory (CTF)")
     assemble.add_argument("--baseline", help="baseline checkpoint directory")
     assemble.add_argument("--class-names", help="'fmnist' or comma-separated names, in class-id order")
-    assemble.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
-                          "(default %(default)s)")
+    add_weights_dtype_flag(assemble)
     add_overwrite_flag(assemble, "a pipeline written by ctfgen (its parts and pipeline.json; other files stay)")
     assemble.set_defaults(func=cmd_assemble)
 
