@@ -1,8 +1,9 @@
 """Sampling settings against FID (the paper's Table 3 sweeps of the stage-1 and stage-2 temperatures, CFG
 scale and stage-2 top-k).
 
-    python scripts/sampling_sweep.py --pipeline pretrained/fmnist --per-class 200 \
-        --settings "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3"
+    python scripts/sampling_sweep.py --pipeline pretrained/fmnist --per-class 200 --dtype bf16 \
+        --settings "" "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
+                   "mode=baseline" "mode=baseline,cfg_scale=3" "mode=baseline,temperature=0.9"
 
 Each setting (comma-separated key=value pairs: a SamplingParams field for stage 1, the same prefixed with
 `stage2_` for stage 2, `restrict` or `mode`; on top of the pipeline's defaults, CFG 2.0 in stage 1, both
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 
+from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
@@ -45,10 +47,12 @@ def main() -> None:
     parser.add_argument("--pipeline", default="pretrained/fmnist")
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the transformers' weights")
     parser.add_argument("--settings", nargs="+", default=[""],
                         help='e.g. "cfg_scale=3" "stage2_temperature=0.5,stage2_top_k=3"')
     args = parser.parse_args()
-    pipe, network = CTFPipeline.from_pretrained(args.pipeline), load_feature_network("fmnist")
+    pipe = CTFPipeline.from_pretrained(args.pipeline).copy(DTYPES[args.dtype])
+    network = load_feature_network("fmnist")
     rows = []
     for setting in args.settings:
         result = evaluate_pipeline(pipe, network, args.per_class, batch_size=args.batch, **parse(setting))

@@ -255,6 +255,11 @@ def test_sample_command_outputs(pipe_dir, tmp_path):
     assert cli.main(["sample", "--pipeline", str(pipe_dir), "--classes", "Sneaker,3", "--out",
                      str(tmp_path / "pngs")]) == 0
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000000_class7.png", "000001_class3.png"]
+    assert cli.main(["sample", "--pipeline", str(pipe_dir), "--classes", "Sneaker,3", "--per-class", "2", "--npz",
+                     str(tmp_path / "two_each.npz"), "--grid", str(tmp_path / "two_each.png")]) == 0
+    with np.load(tmp_path / "two_each.npz") as f:
+        assert f["labels"].tolist() == [7, 7, 3, 3]
+        assert np.array_equal(grid_images(tmp_path / "two_each.png", 2, 2), f["arr_0"])  # a row per class
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -262,7 +267,7 @@ def test_sample_command_outputs(pipe_dir, tmp_path):
     (["--classes", "Sneakers"], "nor a class name"), (["--classes", "1", "--cfg-scale", "0.5"], "cfg_scale"),
     (["--classes", "1", "--top-k", "100"], "top_k"), (["--classes", "1", "--temperature", "nan"], "temperature"),
     (["--classes", "1", "--stage2-top-p", "0"], "stage-2 settings .*top_p"),
-    (["--classes", "1", "--batch", "0"], "batch_size"),
+    (["--classes", "1", "--batch", "0"], "batch_size"), ([], "say what to sample"),
 ])
 def test_sample_command_refuses_bad_requests_before_writing(pipe_dir, tmp_path, capsys, bad, message):
     assert cli.main(["sample", "--pipeline", str(pipe_dir), "--out", str(tmp_path / "bad"), "--npz",

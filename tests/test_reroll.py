@@ -27,6 +27,10 @@ def test_read_image_takes_the_tokenizers_size_or_fmnist_padded(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(CtfgenError, match="notes.png is not an image"):
         read_image(tmp_path / "notes.png", 32)
+    with pytest.raises(CtfgenError, match="missing.png: no such file"):
+        read_image(tmp_path / "missing.png", 32)
+    with pytest.raises(CtfgenError, match="is a folder"):
+        read_image(tmp_path, 32)
 
 
 def test_cli_reroll_keeps_the_coarse_labels(pipe, pipe_dir, tmp_path):  # noqa: F811

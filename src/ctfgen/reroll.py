@@ -37,6 +37,10 @@ def read_image(path, size: int) -> torch.Tensor:
                 raise CtfgenError(f"{name} is {image.width}x{image.height}; this pipeline's tokenizer takes "
                                   f"{sizes} images")
             pixels = np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise CtfgenError(f"{path}: no such file; give the path of a PNG or JPEG image") from None
+    except IsADirectoryError:
+        raise CtfgenError(f"{path} is a folder; give the path of a PNG or JPEG image") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise CtfgenError(f"{name} is not an image that can be read (PNG, JPEG, ...)") from None
     pad = (size - pixels.shape[0]) // 2

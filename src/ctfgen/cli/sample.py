@@ -28,9 +28,9 @@ def register(commands) -> None:
     sample = commands.add_parser("sample", help="generate images from a pipeline (PNGs, a grid, an ADM-style .npz); "
                                                 "torchrun shares the batches out, with the same output")
     add_pipeline_flag(sample)
-    which = sample.add_mutually_exclusive_group(required=True)
-    which.add_argument("--classes", help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag")
-    which.add_argument("--per-class", type=int, help="N images of every class")
+    sample.add_argument("--classes", help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag "
+                        "(default: every class)")
+    sample.add_argument("--per-class", type=int, help="N images of each class (default 1)")
     sample.add_argument("--out", help="directory for one PNG per image")
     sample.add_argument("--grid", help="one PNG grid of all images")
     sample.add_argument("--preview-grid", help="a PNG grid of (stage-1 preview | final image) pairs (CTF only)")
@@ -136,6 +136,9 @@ def cmd_sample(args) -> None:
     from ..pipeline import CTFPipeline
     from ..sample_ddp import sample_sharded
 
+    if args.classes is None and args.per_class is None:
+        raise CtfgenError("say what to sample: --classes (e.g. Sneaker,Bag), --per-class N (N of every class), "
+                          "or both")
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
     _check_outputs(args, {"--npz": NPZ, "--grid": PNG, "--preview-grid": PNG, "--out": PNG_DIR})
@@ -145,12 +148,12 @@ def cmd_sample(args) -> None:
             pipe = pipe.copy(DTYPES[args.dtype])
         if args.compile:
             pipe.compile_decoding()
-        classes, per_class = (args.classes.split(","), 1) if args.classes is not None else \
-            (range(pipe.num_classes), args.per_class)
+        classes = args.classes.split(",") if args.classes is not None else range(pipe.num_classes)
+        per_class = 1 if args.per_class is None else args.per_class
         out = sample_sharded(pipe, classes, runtime, per_class=per_class, preview=bool(args.preview_grid),
                              progress=True, **_request(args))
     if runtime.is_main:
-        _write_samples(args, out, ncol=per_class if args.classes is None else min(len(out.labels), 16))
+        _write_samples(args, out, ncol=per_class if per_class > 1 else min(len(out.labels), 16))  # a row per class
 
 
 def _write_samples(args, out, ncol: int) -> None:
