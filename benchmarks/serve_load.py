@@ -7,7 +7,7 @@ asks for --images images of class i % 10 with seed i. Reports requests/s, images
 and checks every answer against the first serial answer to the same request: no request lost, none answered
 with another's images. Bounded: at most 64 requests, 10 repeats, and --timeout seconds for each request.
 
-    python benchmarks/serve_load.py --pipeline pretrained/fmnist --requests 16 --images 4 --threads 1 --json
+    python benchmarks/serve_load.py --pipeline pretrained/fmnist --requests 16 --images 4 --json
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def main() -> None:
             server.wait(30)
 
     report = {"requests": args.requests, "images_per_request": args.images, "repeats": args.repeats,
-              "server_threads": args.threads or "torch's default",
+              "server_threads": args.threads or "ctfgen serve's default",
               "serial": summary(serial, args.images), "concurrent": summary(concurrent, args.images)}
     report["throughput_vs_serial"] = round(report["serial"]["wall_s"] / report["concurrent"]["wall_s"], 2)
     report |= check_answers(serial[0], serial[1:] + concurrent)

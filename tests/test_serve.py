@@ -117,6 +117,46 @@ def test_a_full_queue_refuses_with_a_message(pipe):
         batcher.close()
 
 
+def test_previews_are_drawn_once_per_call_and_each_user_gets_their_rows(pipe):
+    """The batcher draws the tokens so far of the whole call and hands each request the pictures of its own
+    images; the last progress before the result is the whole coarse grid."""
+    drawn = []
+
+    def draw(mode, tokens):
+        drawn.append(len(tokens))
+        return progress_pixels(pipe, mode, tokens)
+
+    batcher = Batcher(pipe, max_batch=16, preview=draw)
+    try:
+        with batcher.pipeline():
+            jobs = [batcher.submit(request(classes, seed)) for classes, seed in (([0, 3], 4), ([7], 9))]
+        updates = [list(job.updates(timeout=120)) for job in jobs]
+    finally:
+        batcher.close()
+    assert batcher.calls == 1 and set(drawn) == {3}  # every picture of the call's three images at once
+    for job, (*progress, out) in zip(jobs, updates):
+        assert progress and progress[-1].step == pipe.grid ** 2
+        for update in progress:
+            assert torch.equal(update.tokens, out.coarse.flatten(1)[:, :update.step])
+            assert update.pixels.shape[0] == len(job.request.classes)
+        alone = progress_pixels(pipe, "ctf", out.coarse.flatten(1))
+        assert (progress[-1].pixels.int() - alone.int()).abs().max() <= 1  # batch shape: last-bit rounding only
+
+
+def test_a_failing_preview_fails_the_call_not_the_server(pipe):
+    def draw(mode, tokens):
+        raise RuntimeError("preview broke")
+
+    batcher = Batcher(pipe, max_batch=16, preview=draw)
+    try:
+        with pytest.raises(RuntimeError, match="preview broke"):
+            batcher.submit(request([1], 0)).result(timeout=120)
+        batcher.preview = None
+        assert batcher.submit(request([1], 0)).result(timeout=120).labels.tolist() == [1]
+    finally:
+        batcher.close()
+
+
 def test_progress_streams_the_coarse_tokens_then_the_images(pipe, demo):
     frames = [(f.status, f.images["ctf"].copy()) for f in demo.generate(*form())]
     expected = pipe(["Sneaker"], per_class=2, seed=3, output_type="pt")

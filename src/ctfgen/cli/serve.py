@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import CtfgenError
 from ..serve.actions import Limits
 from .common import add_pipeline_flag
 
@@ -19,8 +20,8 @@ def register(commands) -> None:
                        help="requests that may wait at once; more are told the server is busy (default %(default)s)")
     serve.add_argument("--max-batch", type=int, default=Limits.max_batch,
                        help="images in one sampler call, over all the requests that share it (default %(default)s)")
-    serve.add_argument("--threads", type=int, help="torch threads of the sampler (default: torch's choice; on 2 "
-                       "cores 1 serves better, leaving a core to the previews and the web server)")
+    serve.add_argument("--threads", type=int, help="torch threads of the sampler (default: one less than torch's "
+                       "choice, at least 1: a core is left to the previews and the web server)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -29,7 +30,8 @@ def cmd_serve(args) -> None:
 
     from ..serve.app import serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise CtfgenError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     serve(args.pipeline, host=args.host, port=args.port,
           limits=Limits(max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch))

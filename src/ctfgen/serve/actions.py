@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ class Frame:
 class Demo:
     def __init__(self, pipe: CTFPipeline, limits: Limits = Limits()):
         self.pipe, self.limits = pipe, limits
-        self.batcher = Batcher(pipe, max_batch=limits.max_batch, max_waiting=limits.max_queue)
+        self.batcher = Batcher(pipe, max_batch=limits.max_batch, max_waiting=limits.max_queue,
+                               preview=partial(progress_pixels, pipe))
         self.modes = [name for name, modes in MODES.items() if all(self.has(m) for m in modes)]
         self._files = Path(tempfile.mkdtemp(prefix="ctfgen-serve-"))
 
@@ -123,7 +125,7 @@ class Demo:
             job = self.batcher.submit(request)
             for update in job.updates():
                 if isinstance(update, Progress):
-                    frame.images[request.mode] = grid_image(progress_pixels(self.pipe, request.mode, update.tokens))
+                    frame.images[request.mode] = grid_image(update.pixels)
                     if timing.first_preview_s is None:
                         timing.first_preview_s = time.perf_counter() - tic
                     frame.status = f"{TITLES[request.mode]}: {update.step} of {self.pipe.grid ** 2} tokens"

@@ -5,7 +5,9 @@ wait in a queue; when the worker is free it takes the oldest one and every other
 settings (mode and both stages' SamplingParams), up to `max_batch` images in all, and samples them in one call,
 each image with the (seed, index) pair of its own request: every user gets the images they would get alone
 (up to a near-tie that the batch shape can flip in float32; see `CTFPipeline.__call__`). While the
-autoregressive stage runs, each request receives its rows of the tokens so far, for its streamed preview.
+autoregressive stage runs, each request receives its rows of the tokens so far, for its streamed preview, and
+their picture: drawn once for the whole call on a thread of its own, beside the sampler (a thread per user
+drawing their own would fight the sampler for the cores).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,10 +45,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Progress:
-    """The autoregressive stage's tokens so far for one request's images: LongTensor [n, step]."""
+    """The autoregressive stage's tokens so far for one request's images, LongTensor [n, step], and their picture,
+    uint8 [n, 3, H, W] (None when the batcher draws none)."""
 
     step: int
     tokens: torch.Tensor
+    pixels: torch.Tensor | None = None
 
 
 class Job:
@@ -93,14 +98,59 @@ class Job:
         return output
 
 
+class Previews:
+    """Pictures of the tokens so far of one sampler call, drawn on a thread of their own while the sampler goes
+    on, and handed to each request as its rows. A frame posted while another is being drawn replaces the one
+    still waiting, if any: the pictures follow the sampler, never lag behind it."""
+
+    def __init__(self, draw: Callable[[torch.Tensor], torch.Tensor], spans: list[tuple[Job, int, int]]):
+        self._draw, self._spans = draw, spans
+        self._waiting: tuple[int, torch.Tensor] | None = None
+        self._closed, self._error = False, None
+        self._posted = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ctfgen-previews", daemon=True)
+        self._thread.start()
+
+    def post(self, step: int, tokens: torch.Tensor) -> None:
+        with self._posted:
+            self._waiting = (step, tokens)
+            self._posted.notify()
+
+    def close(self) -> None:
+        """Draw the frame still waiting (the last one is the whole coarse grid), then stop; raises what drawing
+        raised."""
+        with self._posted:
+            self._closed = True
+            self._posted.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._posted:
+                self._posted.wait_for(lambda: self._waiting is not None or self._closed)
+                if self._waiting is None:
+                    return
+                (step, tokens), self._waiting = self._waiting, None
+            try:
+                pixels = self._draw(tokens)
+            except Exception as e:  # the worker hears of it when the call ends
+                self._error = e
+                return
+            for job, lo, hi in self._spans:
+                job.progress(Progress(step, tokens[lo:hi], pixels[lo:hi]))
+
+
 class Batcher:
     """Merges the requests that wait together into one pipeline call. `max_waiting` requests may wait at once;
-    one more is refused with a message (the server is busy) rather than queued without bound."""
+    one more is refused with a message (the server is busy) rather than queued without bound. `preview(mode,
+    tokens [n, step])`, if given, draws the tokens so far as uint8 images [n, 3, H, W] for the progress."""
 
     def __init__(self, pipe: CTFPipeline, *, max_batch: int = 64, max_waiting: int = 32, gather_s: float = 0.05,
-                 progress_every: int = 8):
+                 progress_every: int = 8, preview: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         self.pipe, self.max_batch, self.max_waiting = pipe, max_batch, max_waiting
-        self.gather_s, self.progress_every = gather_s, progress_every
+        self.gather_s, self.progress_every, self.preview = gather_s, progress_every, preview
         self.calls = 0  # sampler calls made so far: fewer than requests when they shared calls
         self._waiting: list[Job] = []
         self._changed = threading.Condition()
@@ -176,19 +226,29 @@ class Batcher:
             spans.append((job, start, start + len(job.request.classes)))
             start = spans[-1][2]
 
+        request = jobs[0].request
+        previews = None if self.preview is None else Previews(partial(self.preview, request.mode), spans)
+
         def on_step(first: int, step: int, tokens: torch.Tensor) -> None:  # first is 0: the call is one batch
+            if previews is not None:
+                previews.post(step, tokens.clone())
+                return
             for job, lo, hi in spans:
                 job.progress(Progress(step, tokens[lo:hi].clone()))
 
-        request = jobs[0].request
         try:
             with self._pipeline_lock:
                 self.calls += 1
-                out = self.pipe([c for job in jobs for c in job.request.classes],
-                                seed=[(job.request.seed, i) for job in jobs for i in range(len(job.request.classes))],
-                                mode=request.mode, sampling=request.sampling, stage2_sampling=request.stage2_sampling,
-                                batch_size=start, output_type="pt", callback=on_step,
-                                callback_steps=self.progress_every)
+                try:
+                    out = self.pipe([c for job in jobs for c in job.request.classes],
+                                    seed=[(job.request.seed, i) for job in jobs
+                                          for i in range(len(job.request.classes))],
+                                    mode=request.mode, sampling=request.sampling,
+                                    stage2_sampling=request.stage2_sampling, batch_size=start, output_type="pt",
+                                    callback=on_step, callback_steps=self.progress_every)
+                finally:
+                    if previews is not None:
+                        previews.close()
         except Exception as e:  # every user of the call hears of it; the worker serves on
             for job in jobs:
                 job.finish(e)
