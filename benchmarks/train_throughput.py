@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py   # the shipped shapes: GPT-S baseline and stage 1, GPT-XS stage 2
     python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants compiled --steps 20
+    python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants eager --profile 8
 
 Times `ctfgen.train.train_step` (the training loop's own step: forward, backward, clip, fused AdamW) on
 models built by `ctfgen.train.build_model`, so the figures are those of `ctfgen train`. Prints JSON: per
@@ -9,6 +10,8 @@ stage, precision and variant the tokens/s (median over timed steps after warm-up
 (6 x matmul weights + 12 x layers x positions x dim per token, as PaLM counts) and that as a fraction of
 the matmul peak of the same precision, measured in the same run (1024 x 1024 matmuls). Synthetic tokens:
 a step's speed does not depend on the data. Run it on a quiet machine: it warns when the load is high.
+`--profile N` adds, per configuration, the N operators that took the most CPU time of their own over the timed
+steps (`torch.profiler`): where the time goes.
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ def flops_per_token(model, block_size: int) -> float:
     return 6 * matmul_weights + 12 * cfg.n_layer * block_size * cfg.dim
 
 
+def top_operators(profiler, n: int, steps: int) -> list[dict]:
+    """The n operators with the most CPU time of their own: ms per step and share of all operators' time."""
+    events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:n]]
+
+
 def tokens_per_second(stage: str, preset: str, precision: str, variant: str, data, batch: int, steps: int,
-                      warmup: int) -> tuple[float, float]:
+                      warmup: int, profile: int = 0) -> tuple[float, float, list[dict]]:
     cfg = TrainConfig(stage=stage, codes="", out="", model=preset, dropout=0.0, precision=precision,
                       compile=variant == "compiled")
     torch.manual_seed(0)
@@ -46,16 +58,26 @@ def tokens_per_second(stage: str, preset: str, precision: str, variant: str, dat
     train_model = torch.compile(model) if cfg.compile else model
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=(0.9, 0.95), fused=True)
     generator = torch.Generator().manual_seed(0)
-    device, times = torch.device("cpu"), []
-    for i in range(warmup + steps):
+    device = torch.device("cpu")
+
+    def step():
         batch_tensors = (torch.randint(data.input_vocab, (batch, data.block_size), generator=generator),
                          torch.randint(data.num_classes, (batch,), generator=generator),
                          torch.randint(data.target_vocab, (batch, data.block_size), generator=generator))
         tic = time.perf_counter()
         train_step(train_model, model, optimizer, [batch_tensors], cfg, device)
-        if i >= warmup:
-            times.append(time.perf_counter() - tic)
-    return batch * data.block_size / statistics.median(times), flops_per_token(model, data.block_size)
+        return time.perf_counter() - tic
+
+    for _ in range(warmup):
+        step()
+    times = [step() for _ in range(steps)]
+    top = []
+    if profile:  # after the timed steps, so profiling does not slow them
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for _ in range(steps):
+                step()
+        top = top_operators(profiler, profile, steps)
+    return batch * data.block_size / statistics.median(times), flops_per_token(model, data.block_size), top
 
 
 def main() -> None:
@@ -69,6 +91,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also the N operators that take the most CPU time (torch.profiler)")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
@@ -86,11 +110,11 @@ def main() -> None:
         rows = result["stages"][stage] = {"model": PRESETS[stage]}
         for precision in args.precisions.split(","):
             for variant in args.variants.split(","):
-                tokens, flops = tokens_per_second(stage, PRESETS[stage], precision, variant, data, args.batch,
-                                                  args.steps, args.warmup)
+                tokens, flops, top = tokens_per_second(stage, PRESETS[stage], precision, variant, data,
+                                                       args.batch, args.steps, args.warmup, args.profile)
                 rows[f"{precision}_{variant}"] = {
                     "tokens_per_s": round(tokens), "gflops": round(tokens * flops / 1e9, 1),
-                    "fraction_of_peak": round(tokens * flops / peaks[precision], 3)}
+                    "fraction_of_peak": round(tokens * flops / peaks[precision], 3), **({"top": top} if top else {})}
                 print(stage, precision, variant, rows[f"{precision}_{variant}"], file=sys.stderr)
         rows["mflop_per_token"] = round(flops / 1e6, 1)
     print(json.dumps(result, indent=2))
