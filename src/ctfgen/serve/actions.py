@@ -125,12 +125,12 @@ class Demo:
             job = self.batcher.submit(request)
             for update in job.updates():
                 if isinstance(update, Progress):
-                    frame.images[request.mode] = grid_image(update.pixels)
+                    frame.images[request.mode] = grid_image(update.pixels, len(requests))
                     if timing.first_preview_s is None:
                         timing.first_preview_s = time.perf_counter() - tic
                     frame.status = f"{TITLES[request.mode]}: {update.step} of {self.pipe.grid ** 2} tokens"
                 else:
-                    frame.images[request.mode] = grid_image(update.images)
+                    frame.images[request.mode] = grid_image(update.images, len(requests))
                     timing.final_s = time.perf_counter() - tic
                     frame.status = "done" if request is requests[-1] else ""
                     if request.mode == "ctf":

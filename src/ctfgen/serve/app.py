@@ -19,8 +19,10 @@ Stage 1 predicts a **coarse label** (a cluster of similar codewords) for each of
 at a time; the preview decodes each label as its cluster's mean codeword while it runs. Stage 2 then picks every
 fine token within its cluster in **one** pass. The baseline predicts the fine tokens one at a time."""
 
-# Images come at their true size (32x32 samples); the browser scales them up, each pixel a sharp block.
-CSS = ".pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+# Images come at their true size (32x32 samples); the browser scales them up, each pixel a sharp block, below
+# the panel's label.
+CSS = (".pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; "
+       "padding-top: 2.2em; box-sizing: border-box; }")
 # No share link, nothing that phones home; errors as messages on the page.
 LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
                       run_history=False, show_error=True, footer_links=[], css=CSS)

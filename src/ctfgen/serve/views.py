@@ -10,12 +10,21 @@ from ..pipeline import CTFPipeline
 
 COLUMNS = 8
 BLANK = 255  # the part of a picture not sampled yet: the colour of the grid's padding
+# Width over height of an image panel on a wide page: one panel spans the results column, two share it.
+PANEL_ASPECT = {1: 3.3, 2: 1.6}
 
 
-def grid_image(pixels: torch.Tensor) -> Image.Image:
-    """uint8 images [N, 3, H, W] -> the grid the page shows, at most COLUMNS to a row, at its true size (the page
-    scales it up: one small PNG for each streamed frame)."""
-    return make_grid(pixels, ncol=min(len(pixels), COLUMNS))
+def columns(n: int, panels: int = 1) -> int:
+    """How many of n square images to a row so that the grid, scaled to fit its panel, shows them largest (up to
+    COLUMNS; the fewest columns among equals)."""
+    aspect = PANEL_ASPECT[panels]
+    return max(range(1, min(n, COLUMNS) + 1), key=lambda c: min(aspect / c, 1 / -(-n // c)))
+
+
+def grid_image(pixels: torch.Tensor, panels: int = 1) -> Image.Image:
+    """uint8 images [N, 3, H, W] -> the grid the page shows in one of `panels` side by side, at its true size
+    (the page scales it up: one small PNG for each streamed frame)."""
+    return make_grid(pixels, ncol=columns(len(pixels), panels))
 
 
 def rows_so_far(tokens: torch.Tensor, grid: int) -> torch.Tensor:
