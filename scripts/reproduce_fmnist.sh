@@ -47,16 +47,16 @@ TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --views 1 --s
        --warmup-steps 100 --lr-schedule cosine --dropout 0 --eval-every 469 --eval-items 2000 --ckpt-every 200
        --snapshot-every 469 --compile --no-progress)
 MAP="$OUT/coarse_map_k128.safetensors"
-train_run() {  # stage, preset, extra flags...: a run under $RUNS/conv, resumed when it has a checkpoint
-  local run="$RUNS/conv/$1" resume=()
+train_run() {  # run (under $RUNS), stage, preset, extra flags...: resumed when it has a checkpoint
+  local run="$RUNS/$1" resume=()
   [ -f "$run/snapshots/step_0004690/model.safetensors" ] && return
   [ -f "$run/checkpoint/train_state.pt" ] && resume=(--resume)
-  OMP_NUM_THREADS=1 $CTFGEN train --stage "$1" --model "$2" "${@:3}" "${TRAIN[@]}" "${resume[@]}" --out "$run" \
-    > "$RUNS/conv/$1.log" 2>&1
+  mkdir -p "$(dirname "$run")"
+  OMP_NUM_THREADS=1 $CTFGEN train --stage "$2" --model "$3" "${@:4}" "${TRAIN[@]}" "${resume[@]}" --out "$run" \
+    > "$run.log" 2>&1
 }
-mkdir -p "$RUNS/conv"
-train_run baseline GPT-S &
-( train_run stage1 GPT-S --map "$MAP" && train_run stage2 GPT-XS --map "$MAP" ) &
+train_run conv/baseline baseline GPT-S &
+( train_run conv/stage1 stage1 GPT-S --map "$MAP" && train_run conv/stage2 stage2 GPT-XS --map "$MAP" ) &
 wait
 
 # 6. The shipped pipeline: tokenizer, map, stage 1, stage 2 and baseline (fp16).
@@ -136,7 +136,31 @@ done
 $PYTHON scripts/fid_curve.py --runs "$RUNS/conv" --pipeline "$OUT" --per-class 200 --out "$OUT/fid_curve.png" \
   > "$RUNS/eval/fid_curve.json"
 
-# 11. Table 3's sampling sweeps on the shipped CTF pipeline, 2,000 samples per setting.
-$PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 \
-  --settings "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
+# 11. Table 3's sampling sweeps on the shipped pipeline, CTF and the baseline, 2,000 samples per setting (bf16;
+#     ~12 min on one thread).
+$PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 --dtype bf16 \
+  --settings "" "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
+             "mode=baseline" "mode=baseline,cfg_scale=1.5" "mode=baseline,cfg_scale=3" "mode=baseline,temperature=0.9" \
   > "$RUNS/eval/sweep.json"
+
+# 12. Why CTF trails the baseline at convergence: stage 2 on the true coarse grids of 2,000 training images (stage 1
+#     replaced by an oracle), with K = 128 (the shipped pipeline) and K = 512 (8 codewords per cluster), whose
+#     stage 1 and stage 2 are trained like step 5 (side by side, one thread each; ~1 h 50 min); then 10,000
+#     samples of the K = 512 pipeline per seed, scored like step 7.
+$PYTHON benchmarks/stage2_oracle.py --pipeline "$OUT" --n 2000 --dtype bf16 > "$RUNS/eval/oracle_k128.json"
+MAP512="$RUNS/kconv/coarse_map_k512.safetensors"
+[ -f "$MAP512" ] || $CTFGEN cluster --tokenizer "$OUT/tokenizer" --k 512 --seed 0 --out "$MAP512"
+train_run kconv/stage1_k512 stage1 GPT-S --map "$MAP512" &
+train_run kconv/stage2_k512 stage2 GPT-XS --map "$MAP512" &
+wait
+$CTFGEN assemble --out "$RUNS/kconv/pipe_k512" --overwrite --tokenizer "$OUT/tokenizer" --map "$MAP512" \
+  --stage1 "$RUNS/kconv/stage1_k512/snapshots/step_0004690" --stage2 "$RUNS/kconv/stage2_k512/snapshots/step_0004690" \
+  --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16
+$PYTHON benchmarks/stage2_oracle.py --pipeline "$RUNS/kconv/pipe_k512" --n 2000 --dtype bf16 \
+  --stage2-temperatures 1.0,0.5 > "$RUNS/eval/oracle_k512.json"
+for seed in 0 1 2; do
+  [ -f "$RUNS/eval/ctf_k512.seed$seed.json" ] && continue
+  $CTFGEN sample --pipeline "$RUNS/kconv/pipe_k512" --per-class 1000 --batch 250 --dtype bf16 --seed $seed \
+    --npz "$RUNS/eval/ctf_k512.seed$seed.npz" --overwrite
+  $CTFGEN eval --samples "$RUNS/eval/ctf_k512.seed$seed.npz" --json > "$RUNS/eval/ctf_k512.seed$seed.json"
+done
