@@ -88,6 +88,7 @@ def test_resume_removes_what_a_killed_save_left_and_nothing_else(codes, tmp_path
     for directory in stale:
         shutil.copytree(run / "checkpoint", directory)
     (stale[0] / "train_state.pt").unlink()  # killed half-way
+    (stale[0] / "model.safetensors").rename(stale[0] / ".tmpQB1Bdd")  # killed inside safetensors' save_file
     users = run / ".checkpoint.notes"
     users.mkdir()
     (users / "todo.txt").write_text("mine")

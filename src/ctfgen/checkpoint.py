@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from .validation import check_destination, config_from_dict
 CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors", "train_state.pt"
 RUN_CONFIG_NAME = "train_config.json"  # beside a training run's checkpoint/: the options it was started with
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here first (Rust tempfile's name)
 RESUME_FIX = "resume with the options the run was started with"
 MAX_BUFFER_BYTES = 2**30  # tables a model computes beyond its weights (RoPE): far more means a corrupt config
 
@@ -143,11 +145,15 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
 def remove_stale_writes(parent, name: str) -> list[Path]:
     """Delete what killed `save_checkpoint`s of `parent / name` (a glob, e.g. "step_*") left in `parent`: a
     temporary directory being written, or the previous checkpoint set aside; hidden directories `.<name>.*`
-    holding nothing but checkpoint files. Call it only where no other process writes there (the start of a run,
-    on rank 0)."""
+    holding nothing but checkpoint files (and the temporary file safetensors writes the weights to before renaming
+    it, `.tmpXXXXXX`). Call it only where no other process writes there (the start of a run, on rank 0)."""
     ours = {WEIGHTS_NAME, CONFIG_NAME, TRAIN_STATE_NAME}
+
+    def is_ours(entry: Path) -> bool:
+        return entry.name in ours or SAFETENSORS_TMP.fullmatch(entry.name) is not None
+
     stale = [p for p in Path(parent).glob(f".{name}.*")
-             if p.is_dir() and not p.is_symlink() and {c.name for c in p.iterdir()} <= ours]
+             if p.is_dir() and not p.is_symlink() and all(is_ours(c) for c in p.iterdir())]
     for path in stale:
         shutil.rmtree(path)
     return stale
