@@ -158,6 +158,9 @@ $CTFGEN assemble --out "$RUNS/kconv/pipe_k512" --overwrite --tokenizer "$OUT/tok
   --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16
 $PYTHON benchmarks/stage2_oracle.py --pipeline "$RUNS/kconv/pipe_k512" --n 2000 --dtype bf16 \
   --stage2-temperatures 1.0,0.5 > "$RUNS/eval/oracle_k512.json"
+for pipe in "$OUT" "$RUNS/kconv/pipe_k512"; do  # which history predicts the next coarse label better
+  $PYTHON benchmarks/coarse_nll.py --pipeline "$pipe" --n 2000
+done > "$RUNS/eval/coarse_nll.json"
 for seed in 0 1 2; do
   [ -f "$RUNS/eval/ctf_k512.seed$seed.json" ] && continue
   $CTFGEN sample --pipeline "$RUNS/kconv/pipe_k512" --per-class 1000 --batch 250 --dtype bf16 --seed $seed \

@@ -1,0 +1,65 @@
+"""Which history predicts the next coarse label better: the coarse labels before it (stage 1), or the fine tokens
+before it (the baseline, its distribution over fine tokens summed within each cluster)?
+
+    python benchmarks/coarse_nll.py --pipeline runs/kconv/pipe_k512 --codes runs/codes/test --n 2000
+
+On the first `--n` grids of `--codes` (the held-out ones), teacher-forced, conditional on the true class: the
+mean negative log-likelihood (nats per token) and top-1 accuracy of each position's true coarse label under
+stage 1, and under the baseline with its fine probabilities summed over the members of each cluster. Both models
+see the same class and the same earlier positions, one as coarse labels, one as fine tokens: the difference is
+what the coarse history loses. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ctfgen.codes import CodeDataset
+from ctfgen.pipeline import CTFPipeline
+
+
+def coarse_nll(log_probs: torch.Tensor, coarse: torch.Tensor) -> tuple[float, float]:
+    """Summed NLL and correct count of the true coarse labels [B, T] under log-probabilities [B, T, K]."""
+    nll = -log_probs.gather(-1, coarse[..., None]).sum()
+    return float(nll), int((log_probs.argmax(-1) == coarse).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="a pipeline with CTF stages and a baseline")
+    parser.add_argument("--codes", default="runs/codes/test")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=250)
+    args = parser.parse_args()
+    pipe = CTFPipeline.from_pretrained(args.pipeline).copy(torch.float32)
+    codes = CodeDataset(args.codes)
+    members = pipe.coarse_map.coarse_of_fine  # [V]: each fine token's cluster
+    k = pipe.coarse_map.k
+    totals = {"stage1": [0.0, 0], "baseline": [0.0, 0]}
+    tokens = 0
+    with torch.no_grad():
+        for index in torch.arange(min(args.n, len(codes))).split(args.batch):
+            fine = codes.grids(index.numpy())[:, 0].flatten(1)  # the first view: the image itself
+            labels = codes.labels[index]
+            coarse = members[fine]
+            stage1_logits, _ = pipe.stage1(coarse, labels)
+            baseline_logits, _ = pipe.baseline(fine, labels)
+            fine_probs = baseline_logits.softmax(-1)
+            cluster_probs = torch.zeros(*fine_probs.shape[:2], k).index_add_(-1, members, fine_probs)
+            for name, log_probs in (("stage1", stage1_logits.log_softmax(-1)),
+                                    ("baseline", cluster_probs.clamp_min(1e-30).log())):
+                nll, correct = coarse_nll(log_probs, coarse)
+                totals[name][0] += nll
+                totals[name][1] += correct
+            tokens += coarse.numel()
+    print(json.dumps({"pipeline": args.pipeline, "k": k, "tokens": tokens,
+                      **{f"{name}_coarse_nll": round(nll / tokens, 4) for name, (nll, _) in totals.items()},
+                      **{f"{name}_coarse_accuracy": round(c / tokens, 4) for name, (_, c) in totals.items()}},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
