@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     pipe = CTFPipeline.from_pretrained(args.pipeline).copy(torch.float32)
     codes = CodeDataset(args.codes)
-    members = pipe.coarse_map.coarse_of_fine  # [V]: each fine token's cluster
+    cluster_of = pipe.coarse_map.coarse_of_fine  # [V]: each fine token's cluster
     k = pipe.coarse_map.k
     totals = {"stage1": [0.0, 0], "baseline": [0.0, 0]}
     tokens = 0
@@ -44,11 +44,11 @@ def main() -> None:
         for index in torch.arange(min(args.n, len(codes))).split(args.batch):
             fine = codes.grids(index.numpy())[:, 0].flatten(1)  # the first view: the image itself
             labels = codes.labels[index]
-            coarse = members[fine]
+            coarse = cluster_of[fine]
             stage1_logits, _ = pipe.stage1(coarse, labels)
             baseline_logits, _ = pipe.baseline(fine, labels)
             fine_probs = baseline_logits.softmax(-1)
-            cluster_probs = torch.zeros(*fine_probs.shape[:2], k).index_add_(-1, members, fine_probs)
+            cluster_probs = torch.zeros(*fine_probs.shape[:2], k).index_add_(-1, cluster_of, fine_probs)
             for name, log_probs in (("stage1", stage1_logits.log_softmax(-1)),
                                     ("baseline", cluster_probs.clamp_min(1e-30).log())):
                 nll, correct = coarse_nll(log_probs, coarse)

@@ -98,6 +98,13 @@ class Job:
         return output
 
 
+def post_progress(spans: list[tuple[Job, int, int]], step: int, tokens: torch.Tensor,
+                  pixels: torch.Tensor | None = None) -> None:
+    """Hand each request of a call (its rows lo:hi) its part of the call's progress."""
+    for job, lo, hi in spans:
+        job.progress(Progress(step, tokens[lo:hi], None if pixels is None else pixels[lo:hi]))
+
+
 class Previews:
     """Pictures of the tokens so far of one sampler call, drawn on a thread of their own while the sampler goes
     on, and handed to each request as its rows. A frame posted while another is being drawn replaces the one
@@ -138,8 +145,7 @@ class Previews:
             except Exception as e:  # the worker hears of it when the call ends
                 self._error = e
                 return
-            for job, lo, hi in self._spans:
-                job.progress(Progress(step, tokens[lo:hi], pixels[lo:hi]))
+            post_progress(self._spans, step, tokens, pixels)
 
 
 class Batcher:
@@ -232,9 +238,8 @@ class Batcher:
         def on_step(first: int, step: int, tokens: torch.Tensor) -> None:  # first is 0: the call is one batch
             if previews is not None:
                 previews.post(step, tokens.clone())
-                return
-            for job, lo, hi in spans:
-                job.progress(Progress(step, tokens[lo:hi].clone()))
+            else:
+                post_progress(spans, step, tokens.clone())
 
         try:
             with self._pipeline_lock:
