@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from ctfgen.codes import CodeDataset
+from ctfgen.data.codes import CodeDataset
 from ctfgen.pipeline import CTFPipeline
 
 

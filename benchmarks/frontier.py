@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.precision import cpu_has_fast_bf16
-from ctfgen.sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
+from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
 
 BATCHES = (1, 16, 64)
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")

@@ -7,7 +7,7 @@ With random weights (speed does not depend on them): LlamaGen's VQ-16 tokenizer 
 map of its codebook, a GPT-B stage 1 (512-way), a GPT-B refiner and a GPT-B baseline (16384-way) at 256 tokens
 in bf16. Times `ctfgen.bench.benchmark` at batch 64 with CFG 2 and the compiled decode step (captured as a CUDA
 graph on CUDA), then trains stage 1 for a few steps with FSDP2 under torchrun on one process, on codes
-extracted by `ctfgen.codes.extract_codes` from random images.
+extracted by `ctfgen.data.codes.extract_codes` from random images.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 
 from ctfgen.bench import benchmark
 from ctfgen.clustering import cluster_codebook
-from ctfgen.codes import extract_codes
-from ctfgen.models.gpt import GPT, gpt_config
+from ctfgen.data.codes import extract_codes
+from ctfgen.models.config import gpt_config
+from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.tokenizer.model import VQ_PRESETS, VQModel

@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfgen.checkpoint import load_config, load_train_state, load_weights
+from ctfgen.checkpoint import load_config, load_weights
 from ctfgen.clustering import cluster_codebook
-from ctfgen.codes import extract_codes
-from ctfgen.data import FashionMNIST
+from ctfgen.data.codes import extract_codes
+from ctfgen.data.datasets import FashionMNIST
 from ctfgen.errors import CtfgenError
 from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+from ctfgen.training.state import load_train_state
 
 TOKENIZER = VQConfig(**(VQ_PRESETS["VQ-tiny"].to_dict() | {"encoder_ch_mult": [1, 1, 1],
                                                           "decoder_ch_mult": [1, 1, 1]}))  # 8 x 8 tokens

@@ -2,7 +2,7 @@
 
     python benchmarks/llamagen_decode.py --llamagen /path/to/LlamaGen --batch 64 --repeats 3
 
-Prints JSON: images/s of `ctfgen.sampling.generate` (with `ctfgen.models.gpt.GPT`) and of LlamaGen's
+Prints JSON: images/s of `ctfgen.sampling.decode.generate` (with `ctfgen.models.gpt.GPT`) and of LlamaGen's
 `autoregressive.models.generate.generate` (with its `autoregressive.models.gpt.Transformer`), each the
 median over --repeats timed runs after one warm-up; the runs of all variants alternate, so that load from
 other processes hits them alike. The ratio ours/llamagen > 1 means ours is faster.
@@ -69,11 +69,12 @@ from pathlib import Path
 
 import torch
 
+from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.bench import interleaved_seconds
-from ctfgen.models.gpt import GPT, GPTConfig, gpt_config
-from ctfgen.precision import cpu_has_fast_bf16
-from ctfgen.sampling import generate
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.models.config import GPTConfig, gpt_config
+from ctfgen.models.gpt import GPT
+from ctfgen.sampling.decode import generate
+from ctfgen.sampling.params import SamplingParams
 
 LLAMAGEN_FILES = ("autoregressive/models/gpt.py", "autoregressive/models/generate.py", "utils/drop_path.py")
 

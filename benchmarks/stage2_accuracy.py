@@ -12,10 +12,10 @@ import json
 
 import torch
 
+from ctfgen.backends.precision import autocast_context
 from ctfgen.clustering import CoarseMap
-from ctfgen.codes import CodeDataset
+from ctfgen.data.codes import CodeDataset
 from ctfgen.models.refiner import Refiner
-from ctfgen.precision import autocast_context
 
 
 def most_frequent_member(train: CodeDataset, coarse_map: CoarseMap) -> torch.Tensor:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from ctfgen.checkpoint import DTYPES
-from ctfgen.codes import CodeDataset
+from ctfgen.data.codes import CodeDataset
 from ctfgen.evaluation import evaluate_images, load_feature_network
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.sampling.params import SamplingParams
 
 METRICS = ("fid", "inception_score", "precision", "recall", "accuracy")
 

@@ -4,8 +4,8 @@
     python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants compiled --steps 20
     python benchmarks/train_throughput.py --stages baseline --precisions bf16 --variants eager --profile 8
 
-Times `ctfgen.train.train_step` (the training loop's own step: forward, backward, clip, fused AdamW) on
-models built by `ctfgen.train.build_model`, so the figures are those of `ctfgen train`. Prints JSON: per
+Times `ctfgen.training.train.train_step` (the training loop's own step: forward, backward, clip, fused AdamW) on
+models built by `ctfgen.training.train.build_model`, so the figures are those of `ctfgen train`. Prints JSON: per
 stage, precision and variant the tokens/s (median over timed steps after warm-up), the achieved GFLOP/s
 (6 x matmul weights + 12 x layers x positions x dim per token, as PaLM counts) and that as a fraction of
 the matmul peak of the same precision, measured in the same run (1024 x 1024 matmuls). Synthetic tokens:
@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import torch
 
+from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.bench import matmul_peak_flops
-from ctfgen.precision import cpu_has_fast_bf16
-from ctfgen.train import STAGES, TrainConfig, build_model, param_groups, train_step
+from ctfgen.training.train import STAGES, TrainConfig, build_model, param_groups, train_step
 
 PRESETS = {"baseline": "GPT-S", "stage1": "GPT-S", "stage2": "GPT-XS"}  # the shipped Fashion-MNIST pipeline
 VARIANTS = ("eager", "compiled")

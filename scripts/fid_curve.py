@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from ctfgen.checkpoint import DTYPES
-from ctfgen.codes import read_manifest
+from ctfgen.data.codes import read_manifest
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner

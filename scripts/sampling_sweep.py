@@ -20,7 +20,7 @@ import json
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
+from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
 
 STAGES = {"": ("sampling", STAGE1_DEFAULTS), "stage2_": ("stage2_sampling", STAGE2_DEFAULTS)}
 KEYS = {prefix + f.name: (prefix, f.name) for prefix in STAGES for f in dataclasses.fields(STAGE1_DEFAULTS)}

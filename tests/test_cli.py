@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from ctfgen import cli
+from ctfgen.backends.precision import PRECISIONS
 from ctfgen.cli.common import config_from_args
 from ctfgen.evaluation.classifier import ClassifierConfig, ClassifierTrainConfig
-from ctfgen.models.gpt import GPT_PRESETS
-from ctfgen.precision import PRECISIONS
+from ctfgen.models.config import GPT_PRESETS
 from ctfgen.tokenizer.model import VQ_PRESETS
 from ctfgen.tokenizer.train import TokenizerTrainConfig
-from ctfgen.train import STAGES, TrainConfig
+from ctfgen.training.train import STAGES, TrainConfig
 
 CLI_DIR = Path(cli.__file__).parent
 

@@ -11,10 +11,10 @@ from sklearn.cluster import KMeans
 
 from ctfgen import cli
 from ctfgen.clustering import CoarseMap, cluster_codebook, codebook_fingerprint
-from ctfgen.codes import CodeDataset, extract_codes
-from ctfgen.data import FashionMNIST
+from ctfgen.data.codes import CodeDataset, extract_codes
+from ctfgen.data.datasets import FashionMNIST
 from ctfgen.errors import CtfgenError
-from ctfgen.redundancy import swap_within_clusters
+from ctfgen.evaluation.redundancy import swap_within_clusters
 from ctfgen.tokenizer.model import VQ_PRESETS, VQModel
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "pretrained/fmnist/tokenizer"

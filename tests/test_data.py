@@ -1,4 +1,4 @@
-"""ctfgen.data on synthetic data only: IDX files and tiny image folders built in tmp_path."""
+"""ctfgen.data.datasets on synthetic data only: IDX files and tiny image folders built in tmp_path."""
 
 import gzip
 import struct
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctfgen.data import (
+from ctfgen.data.datasets import (
     FashionMNIST,
     ImageFolder,
     center_crop,

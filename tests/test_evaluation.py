@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from ctfgen.assets import pretrained_dir
 from ctfgen.cli import main
+from ctfgen.data.assets import pretrained_dir
 from ctfgen.evaluation import evaluate_npz, frechet_distance, gaussian_stats, inception_score, precision_recall
 from ctfgen.evaluation import reference as reference_module
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier, augment
@@ -431,7 +431,7 @@ REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped classifier")
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST is not installed")
 def test_shipped_classifier_reaches_91_percent():
-    from ctfgen.data import FashionMNIST
+    from ctfgen.data.datasets import FashionMNIST
     from ctfgen.evaluation.classifier import classifier_accuracy
 
     test = FashionMNIST("test")

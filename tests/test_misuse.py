@@ -18,17 +18,20 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ctfgen import cli
-from ctfgen.checkpoint import load_train_state, save_checkpoint, write_atomic
+from ctfgen.checkpoint import save_checkpoint
 from ctfgen.clustering import CoarseMap, cluster_codebook
-from ctfgen.codes import CodeDataset, extract_codes
-from ctfgen.data import FashionMNIST, read_idx
+from ctfgen.data.codes import CodeDataset, extract_codes
+from ctfgen.data.datasets import FashionMNIST, read_idx
+from ctfgen.data.images import is_ctfgen_npz, save_npz, save_png
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier
 from ctfgen.evaluation.npz import read_image_npz
-from ctfgen.images import is_ctfgen_npz, save_npz, save_png
-from ctfgen.models.gpt import GPT, GPTConfig, gpt_config
+from ctfgen.files import write_atomic
+from ctfgen.models.config import GPTConfig, gpt_config
+from ctfgen.models.gpt import GPT
 from ctfgen.tokenizer.evaluate import evaluate_tokenizer
 from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+from ctfgen.training.state import load_train_state
 from test_pipeline import pipe, pipe_dir  # noqa: F401 (the tiny pipeline's fixtures)
 
 

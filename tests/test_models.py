@@ -16,7 +16,7 @@ from ctfgen.models import (
     refiner_config,
 )
 from ctfgen.models.blocks import RMSNorm, apply_rotary_emb, packed_linear_supported, precompute_freqs_cis_2d
-from ctfgen.models.gpt import find_multiple
+from ctfgen.models.config import find_multiple
 
 
 def randomize(model: nn.Module, std: float = 0.2, seed: int = 0) -> nn.Module:

@@ -10,12 +10,13 @@ from PIL import Image
 from ctfgen import cli
 from ctfgen.bench import benchmark
 from ctfgen.clustering import cluster_codebook
-from ctfgen.data import FMNIST_CLASSES
+from ctfgen.data.datasets import FMNIST_CLASSES
 from ctfgen.errors import CtfgenError
-from ctfgen.models.gpt import GPT, gpt_config
+from ctfgen.models.config import gpt_config
+from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.sampling.params import SamplingParams
 from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
 
 SHIPPED_CLASSIFIER = Path(__file__).resolve().parents[1] / "pretrained" / "fmnist" / "classifier"

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ctfgen import cli
 from ctfgen.errors import CtfgenError
-from ctfgen.reroll import coarse_of_images, read_image
+from ctfgen.sampling.reroll import coarse_of_images, read_image
 from test_pipeline import pipe, pipe_dir  # noqa: F401, F811 (the tiny pipeline's fixtures)
 
 

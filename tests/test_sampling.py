@@ -3,9 +3,10 @@ import torch
 
 from ctfgen.clustering import cluster_codebook
 from ctfgen.errors import CtfgenError
-from ctfgen.models.gpt import GPT, gpt_config
+from ctfgen.models.config import gpt_config
+from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
-from ctfgen.sampling import (
+from ctfgen.sampling.decode import (
     filter_logits,
     generate,
     generate_uncached,
@@ -17,7 +18,7 @@ from ctfgen.sampling import (
     sample_within_clusters,
     sample_within_clusters_loop,
 )
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.sampling.params import SamplingParams
 
 
 def random_gpt(vocab=32, block=16, seed=0):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ctfgen import cli
-from ctfgen.distributed import Runtime, round_robin_batches
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.sampling.params import SamplingParams
 from ctfgen.tokenizer.model import VQ_PRESETS, VQModel
+from ctfgen.training.distributed import Runtime, round_robin_batches
 from test_pipeline import make_parts
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ctfgen.cli"]

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from ctfgen import cli
-from ctfgen.data import FMNIST_CLASSES
+from ctfgen.data.datasets import FMNIST_CLASSES
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.reroll import coarse_of_images, read_image, reroll_grid
-from ctfgen.sampling_params import SamplingParams
+from ctfgen.sampling.params import SamplingParams
+from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
 from ctfgen.serve.actions import Demo, Limits
 from ctfgen.serve.batcher import Batcher, Request
 from ctfgen.serve.views import grid_image, progress_pixels

@@ -20,11 +20,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.blocks import packed_linear
-from .pipeline import CTFPipeline
-from .precision import resolve_precision
-from .sampling import image_uniforms
-from .sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
+from ctfgen.backends.precision import resolve_precision
+from ctfgen.models.blocks import packed_linear
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.decode import image_uniforms
+from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
 
 
 def interleaved_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:

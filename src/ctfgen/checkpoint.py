@@ -7,110 +7,25 @@ with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CtfgenError
-from .validation import check_destination, config_from_dict
+from ctfgen.errors import CtfgenError
+from ctfgen.files import write_dir_atomic
+from ctfgen.validation import config_from_dict
 
 CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors", "train_state.pt"
-RUN_CONFIG_NAME = "train_config.json"  # beside a training run's checkpoint/: the options it was started with
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here first (Rust tempfile's name)
 RESUME_FIX = "resume with the options the run was started with"
 MAX_BUFFER_BYTES = 2**30  # tables a model computes beyond its weights (RoPE): far more means a corrupt config
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path, directory: bool) -> None:
-    """tempfile (and safetensors' own temporary file) create private files (0600/0700); give finished outputs,
-    and the files of a finished directory, the usual permissions."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-    if directory:
-        for file in Path(path).iterdir():
-            _publish_mode(file, directory=file.is_dir())
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE), so that a process killed at
-    any moment leaves one of them complete at `b`; False where the system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # not supported by this kernel or filesystem
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def replace_dir(tmp: Path, final: Path, is_ours) -> None:
-    """Move a fully written directory `tmp` to `final`, replacing what was there only when that is empty or
-    `is_ours(final)` (ctfgen's own earlier output): never a user's directory, a symlink or a device."""
-    check_destination(final, directory=True)
-    if not final.exists():
-        tmp.rename(final)
-        return
-    if any(final.iterdir()) and not is_ours(final):
-        raise CtfgenError(f"{final} exists and was not written by ctfgen; it is left as it is: choose another path")
-    if _exchange(tmp, final):
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-    final.rename(old)  # over the empty directory just made
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result to `path` only once it is complete; `path` must be new or a
-    regular file (renaming over a symlink or a device would replace it, not write through it)."""
-    path = Path(path)
-    check_destination(path, directory=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish_mode(tmp, directory=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_dir_atomic(directory, write, is_ours) -> Path:
-    """Call write(tmp_dir) and put the complete directory at `directory` (see replace_dir: in place of an empty
-    one or of what `is_ours`), so that a run killed half-way leaves nothing half-written there."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        _publish_mode(tmp, directory=True)
-        replace_dir(tmp, directory, is_ours)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
 
 def is_checkpoint(directory, kind: str | None = None) -> bool:
@@ -120,11 +35,6 @@ def is_checkpoint(directory, kind: str | None = None) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("kind"), str) and kind in (None, config["kind"])
-
-
-def is_run_dir(directory) -> bool:
-    """Whether `directory` is the output of a training run (what `--resume` continues): its train_config.json."""
-    return (Path(directory) / RUN_CONFIG_NAME).is_file()
 
 
 def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict | None = None,
@@ -231,77 +141,6 @@ def check_weight_shapes(model: torch.nn.Module, directory, resuming: bool = Fals
     if extra > MAX_BUFFER_BYTES:
         raise CtfgenError(f"{Path(directory) / CONFIG_NAME} describes a model whose tables would take "
                           f"{extra / 2**30:.0f} GiB beyond its weights (block_size too large?); it is corrupt")
-
-
-def _is_rng_state(state) -> bool:
-    cpu = state.get("cpu") if isinstance(state, dict) else None
-    return (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8
-            and cpu.shape == torch.get_rng_state().shape)
-
-
-def _train_state_problem(state) -> str | None:
-    if not isinstance(state, dict):
-        return "not a dictionary"
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        return f"step {step!r} is not a step number"
-    rng = state.get("rng")
-    if not isinstance(rng, list) or not rng or not all(_is_rng_state(r) for r in rng):
-        return "no valid random-number state"
-    optimizer = state.get("optimizer")
-    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
-            and isinstance(optimizer.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
-        return "no valid optimizer state"
-    return None
-
-
-def load_train_state(directory) -> dict:
-    """The training state saved beside a checkpoint's weights (read weights-only: nothing is unpickled), checked
-    for the entries every training loop reads: step, rng (one per process), optimizer."""
-    path = Path(directory) / TRAIN_STATE_NAME
-    if not path.is_file():
-        raise CtfgenError(f"{directory} has no {TRAIN_STATE_NAME}: it cannot be resumed (exported weights only)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, or a pickle that would need code to load
-        raise CtfgenError(f"cannot read {path} as a weights-only PyTorch file ({type(e).__name__}); it is damaged or "
-                          f"not ctfgen's: remove the checkpoint to start afresh") from None
-    problem = _train_state_problem(state)
-    if problem:
-        raise CtfgenError(f"{path} is not a ctfgen training state ({problem}); remove the checkpoint to start afresh")
-    return state
-
-
-def check_optimizer_state(optimizer_state: dict, optimizer: torch.optim.Optimizer, directory) -> None:
-    """Refuse saved optimizer state that does not fit `optimizer`'s parameters, before it is loaded: a mismatch
-    would otherwise surface as a crash at the first step."""
-    where = Path(directory) / TRAIN_STATE_NAME
-    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
-    numbers = sorted(p for group in optimizer_state["param_groups"] for p in group["params"])
-    if numbers != list(range(len(shapes))):
-        raise CtfgenError(f"{where} holds optimizer state for {len(numbers)} parameters, this run trains "
-                          f"{len(shapes)}; {RESUME_FIX}")
-    for number, entry in optimizer_state["state"].items():
-        tensors = entry.values() if isinstance(entry, dict) and number in range(len(shapes)) else None
-        if tensors is None or any(isinstance(t, torch.Tensor) and t.dim() and tuple(t.shape) != tuple(shapes[number])
-                                  for t in tensors):
-            raise CtfgenError(f"{where}: the optimizer state of parameter {number} does not fit its shape; "
-                              f"{RESUME_FIX}")
-
-
-def capture_rng() -> dict:
-    """This process's random state (CPU, and CUDA when present) for an exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class PretrainedMixin:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import write_atomic
-from .errors import CtfgenError
-from .tokenizer.model import codebook_fingerprint
-from .validation import MAX_VOCAB
+from ctfgen.errors import CtfgenError
+from ctfgen.files import write_atomic
+from ctfgen.tokenizer.model import codebook_fingerprint
+from ctfgen.validation import MAX_VOCAB
 
 METHODS = ("kmeans", "random")
 FORMAT = "ctfgen-coarse-map-v1"

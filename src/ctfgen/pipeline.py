@@ -28,13 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import write_atomic
-from .clustering import CoarseMap
-from .data import to_model_range, to_uint8
-from .errors import CtfgenError
-from .models.gpt import GPT
-from .models.refiner import Refiner
-from .request import (
+from ctfgen.clustering import CoarseMap
+from ctfgen.data.datasets import to_model_range, to_uint8
+from ctfgen.errors import CtfgenError
+from ctfgen.files import write_atomic
+from ctfgen.models.gpt import GPT
+from ctfgen.models.refiner import Refiner
+from ctfgen.sampling.decode import generate, image_seeds, refine, seeded_uniforms
+from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
+from ctfgen.sampling.request import (
     PipelineOutput,
     as_output_type,
     check_batching,
@@ -45,9 +47,7 @@ from .request import (
     class_ids,
     labels_as,
 )
-from .sampling import generate, image_seeds, refine, seeded_uniforms
-from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
-from .tokenizer.model import VQModel
+from ctfgen.tokenizer.model import VQModel
 
 INDEX_NAME = "pipeline.json"
 PARTS = ("tokenizer", "coarse_map", "stage1", "stage2", "baseline")

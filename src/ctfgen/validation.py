@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 # Sizes beyond these are refused before anything is built: they are far beyond any model or dataset this
 # code serves (LlamaGen: 16384 codes, 1000 classes, 576 tokens, 48 layers), and a config or file claiming

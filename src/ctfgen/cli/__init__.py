@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import CtfgenError
-from ..validation import check_options
-from . import bench, data, evaluate, sample, serve, tokenizer, train
+from ctfgen.cli import bench, data, evaluate, sample, serve, tokenizer, train
+from ctfgen.errors import CtfgenError
+from ctfgen.validation import check_options
 
 # In the order `ctfgen --help` lists them: from the tokenizer to the trained pipeline and its evaluation.
 COMMAND_GROUPS = (tokenizer, data, train, sample, bench, serve, evaluate)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..precision import PRECISIONS
-from ..sampling_params import STAGE1_DEFAULTS
-from .common import add_json_flag, add_pipeline_flag, print_json
+from ctfgen.backends.precision import PRECISIONS
+from ctfgen.cli.common import add_json_flag, add_pipeline_flag, print_json
+from ctfgen.sampling.params import STAGE1_DEFAULTS
 
 
 def register(commands) -> None:
@@ -27,8 +27,8 @@ def register(commands) -> None:
 def cmd_bench(args) -> None:
     import torch
 
-    from ..bench import benchmark
-    from ..pipeline import CTFPipeline
+    from ctfgen.bench import benchmark
+    from ctfgen.pipeline import CTFPipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,9 +10,9 @@ import sys
 import types
 import typing
 
-from ..assets import pretrained_dir
-from ..checkpoint import DTYPES
-from ..validation import flag_name
+from ctfgen.checkpoint import DTYPES
+from ctfgen.data.assets import pretrained_dir
+from ctfgen.validation import flag_name
 
 
 def bundled(*parts: str) -> str:
@@ -128,9 +128,9 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def load_tokenizer_and_data(args: argparse.Namespace, split: str):
     """The --tokenizer model and a split of the --data dataset, as the tokenizer studies take them."""
-    from ..data import load_dataset
-    from ..distributed import pick_device
-    from ..tokenizer.model import VQModel
+    from ctfgen.data.datasets import load_dataset
+    from ctfgen.tokenizer.model import VQModel
+    from ctfgen.training.distributed import pick_device
 
     model = VQModel.from_pretrained(args.tokenizer, device=pick_device(args.device))
     dataset = load_dataset(args.data, split, data_dir=args.data_dir, image_size=args.image_size,

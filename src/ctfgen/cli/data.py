@@ -6,19 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import (
-    checkpoint_step,
-    is_checkpoint,
-    load_config,
-    load_weights,
-    save_checkpoint,
-    write_atomic,
-)
-from ..clustering import METHODS, CoarseMap, cluster_codebook
-from ..errors import CtfgenError
-from ..tokenizer.model import VQModel
-from ..validation import check_destination, check_output
-from .common import (
+from ctfgen.checkpoint import checkpoint_step, is_checkpoint, load_config, load_weights, save_checkpoint
+from ctfgen.cli.common import (
     add_data_flags,
     add_device_flag,
     add_json_flag,
@@ -28,6 +17,11 @@ from .common import (
     load_tokenizer_and_data,
     print_json,
 )
+from ctfgen.clustering import METHODS, CoarseMap, cluster_codebook
+from ctfgen.errors import CtfgenError
+from ctfgen.files import write_atomic
+from ctfgen.tokenizer.model import VQModel
+from ctfgen.validation import check_destination, check_output
 
 
 def register(commands) -> None:
@@ -113,9 +107,9 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    from ..codes import extract_codes, is_codes_dir
-    from ..data import load_dataset
-    from ..distributed import launched
+    from ctfgen.data.codes import extract_codes, is_codes_dir
+    from ctfgen.data.datasets import load_dataset
+    from ctfgen.training.distributed import launched
 
     check_output(args.out, flag="--out", what="extracted codes", is_ours=is_codes_dir, overwrite=args.overwrite)
     with launched(args.device) as runtime:
@@ -132,8 +126,8 @@ def cmd_extract(args) -> None:
 
 
 def cmd_redundancy(args) -> None:
-    from ..images import make_grid, save_png
-    from ..redundancy import redundancy_study
+    from ctfgen.data.images import make_grid, save_png
+    from ctfgen.evaluation.redundancy import redundancy_study
 
     out = check_output(args.out, flag="--out", what="a redundancy study", overwrite=args.overwrite,
                        is_ours=lambda path: (path / "redundancy.json").is_file())
@@ -162,10 +156,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_assemble(args) -> None:
-    from ..data import FMNIST_CLASSES
-    from ..models.gpt import GPT
-    from ..models.refiner import Refiner
-    from ..pipeline import INDEX_NAME, CTFPipeline
+    from ctfgen.data.datasets import FMNIST_CLASSES
+    from ctfgen.models.gpt import GPT
+    from ctfgen.models.refiner import Refiner
+    from ctfgen.pipeline import INDEX_NAME, CTFPipeline
 
     out = check_output(args.out, flag="--out", what="a ctfgen pipeline", overwrite=args.overwrite,
                        is_ours=lambda path: (path / INDEX_NAME).is_file())

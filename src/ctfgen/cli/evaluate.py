@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..checkpoint import is_checkpoint
-from ..errors import CtfgenError
-from ..evaluation.classifier import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig, train_classifier
-from ..validation import check_output
-from .common import (
+from ctfgen.checkpoint import is_checkpoint
+from ctfgen.cli.common import (
     add_dataclass_flags,
     add_device_flag,
     add_json_flag,
@@ -19,6 +16,9 @@ from .common import (
     print_json,
     show_progress,
 )
+from ctfgen.errors import CtfgenError
+from ctfgen.evaluation.classifier import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig, train_classifier
+from ctfgen.validation import check_output
 
 # The classifier's settings that are fixed for Fashion-MNIST: not flags.
 FIXED_MODEL_FIELDS = ("num_classes", "image_size", "spatial_channels")
@@ -72,8 +72,8 @@ def register(commands) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ..distributed import pick_device
-    from ..evaluation import EvalOptions, evaluate_floor, evaluate_npz, load_feature_network
+    from ctfgen.evaluation import EvalOptions, evaluate_floor, evaluate_npz, load_feature_network
+    from ctfgen.training.distributed import pick_device
 
     chosen = [flag for flag, given in (("--samples", args.samples is not None), ("--floor", args.floor),
                                        ("--reconstruction", args.reconstruction is not None)) if given]
@@ -87,7 +87,7 @@ def cmd_eval(args) -> None:
                           batch_size=args.batch_size, per_class_fid=args.per_class_fid)
     common = dict(data_dir=args.data_dir, cache=args.cache_dir, use_cache=not args.no_cache, options=options)
     if args.reconstruction:
-        from ..tokenizer.model import VQModel
+        from ctfgen.tokenizer.model import VQModel
 
         tokenizer = VQModel.from_pretrained(args.reconstruction, device=pick_device(args.device)).eval()
         result = evaluate_floor(network, n=args.floor_n, ref=args.ref, tokenizer=tokenizer, **common)

@@ -10,12 +10,12 @@ from dataclasses import fields
 from itertools import combinations
 from pathlib import Path
 
-from ..checkpoint import DTYPES
-from ..errors import CtfgenError
-from ..images import is_ctfgen_npz, is_ctfgen_png, is_ctfgen_png_dir
-from ..sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
-from ..validation import check_output
-from .common import add_overwrite_flag, add_pipeline_flag
+from ctfgen.checkpoint import DTYPES
+from ctfgen.cli.common import add_overwrite_flag, add_pipeline_flag
+from ctfgen.data.images import is_ctfgen_npz, is_ctfgen_png, is_ctfgen_png_dir
+from ctfgen.errors import CtfgenError
+from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
+from ctfgen.validation import check_output
 
 # What each kind of output may replace: (what it is called, how ctfgen's own is recognised, whether a directory).
 PNG = ("a PNG written by ctfgen", is_ctfgen_png, False)
@@ -132,9 +132,9 @@ def _check_outputs(args, outputs: dict[str, tuple]) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ..distributed import launched
-    from ..pipeline import CTFPipeline
-    from ..sample_ddp import sample_sharded
+    from ctfgen.pipeline import CTFPipeline
+    from ctfgen.sampling.sample_ddp import sample_sharded
+    from ctfgen.training.distributed import launched
 
     if args.classes is None and args.per_class is None:
         raise CtfgenError("say what to sample: --classes (e.g. Sneaker,Bag), --per-class N (N of every class), "
@@ -161,7 +161,7 @@ def _write_samples(args, out, ncol: int) -> None:
     import numpy as np
     import torch
 
-    from ..images import make_grid, save_npz, save_png, save_png_dir
+    from ctfgen.data.images import make_grid, save_npz, save_png, save_png_dir
 
     pixels, labels = out.images, out.labels.tolist()
     if args.npz:
@@ -180,8 +180,8 @@ def _write_samples(args, out, ncol: int) -> None:
 
 
 def cmd_demo(args) -> None:
-    from ..images import add_row_labels, make_grid, save_png
-    from ..pipeline import CTFPipeline
+    from ctfgen.data.images import add_row_labels, make_grid, save_png
+    from ctfgen.pipeline import CTFPipeline
 
     _check_outputs(args, {"--out": PNG})
     tic = time.perf_counter()
@@ -198,9 +198,9 @@ def cmd_demo(args) -> None:
 def cmd_reroll(args) -> None:
     import torch
 
-    from ..images import make_grid, save_npz, save_png, save_png_dir
-    from ..pipeline import CTFPipeline
-    from ..reroll import coarse_of_images, image_size, read_image, reroll_grid
+    from ctfgen.data.images import make_grid, save_npz, save_png, save_png_dir
+    from ctfgen.pipeline import CTFPipeline
+    from ctfgen.sampling.reroll import coarse_of_images, image_size, read_image, reroll_grid
 
     _check_outputs(args, {"--npz": NPZ, "--grid": PNG, "--out": PNG_DIR})
     pipe = CTFPipeline.from_pretrained(args.pipeline)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import CtfgenError
-from ..serve.actions import Limits
-from .common import add_pipeline_flag
+from ctfgen.cli.common import add_pipeline_flag
+from ctfgen.errors import CtfgenError
+from ctfgen.serve.actions import Limits
 
 
 def register(commands) -> None:
@@ -28,7 +28,7 @@ def register(commands) -> None:
 def cmd_serve(args) -> None:
     import torch
 
-    from ..serve.app import serve
+    from ctfgen.serve.app import serve
 
     if args.threads is not None and args.threads < 1:
         raise CtfgenError(f"--threads must be at least 1, got {args.threads}")

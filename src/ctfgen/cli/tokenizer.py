@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..validation import check_output
-from .common import (
+from ctfgen.cli.common import (
     add_data_flags,
     add_device_flag,
     add_json_flag,
@@ -12,7 +11,8 @@ from .common import (
     load_tokenizer_and_data,
     print_json,
 )
-from .train import register_tokenizer_train
+from ctfgen.cli.train import register_tokenizer_train
+from ctfgen.validation import check_output
 
 
 def register(commands) -> None:
@@ -46,7 +46,7 @@ def _add_study_flags(parser) -> None:
 
 
 def cmd_tokenizer_eval(args) -> None:
-    from ..tokenizer.evaluate import evaluate_tokenizer
+    from ctfgen.tokenizer.evaluate import evaluate_tokenizer
 
     model, dataset = load_tokenizer_and_data(args, args.split)
     result = evaluate_tokenizer(model, dataset, batch_size=args.batch_size, limit=args.limit,
@@ -60,8 +60,8 @@ def cmd_tokenizer_eval(args) -> None:
 
 
 def cmd_tokenizer_reconstruct(args) -> None:
-    from ..images import is_ctfgen_png, make_grid, save_png
-    from ..tokenizer.evaluate import reconstruction_pairs
+    from ctfgen.data.images import is_ctfgen_png, make_grid, save_png
+    from ctfgen.tokenizer.evaluate import reconstruction_pairs
 
     check_output(args.out, flag="--out", what="a PNG written by ctfgen", is_ours=is_ctfgen_png,
                  overwrite=args.overwrite, directory=False)

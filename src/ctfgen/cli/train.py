@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..tokenizer.train import TokenizerTrainConfig, train_tokenizer
-from ..train import TrainConfig, train
-from .common import add_dataclass_flags, config_from_args, show_progress
+from ctfgen.cli.common import add_dataclass_flags, config_from_args, show_progress
+from ctfgen.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from ctfgen.training.train import TrainConfig, train
 
 
 def register(commands) -> None:

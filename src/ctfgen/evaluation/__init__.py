@@ -8,9 +8,9 @@
     evaluate.py    scoring a sample file, and the real-vs-real floor
 """
 
-from .evaluate import EvalOptions, evaluate_floor, evaluate_images, evaluate_npz, evaluate_pipeline
-from .features import FeatureNetwork, Features, extract_features, load_feature_network
-from .metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from ctfgen.evaluation.evaluate import EvalOptions, evaluate_floor, evaluate_images, evaluate_npz, evaluate_pipeline
+from ctfgen.evaluation.features import FeatureNetwork, Features, extract_features, load_feature_network
+from ctfgen.evaluation.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 
 __all__ = ["EvalOptions", "Features", "FeatureNetwork", "evaluate_floor", "evaluate_images", "evaluate_npz",
            "evaluate_pipeline", "extract_features", "frechet_distance", "gaussian_stats", "inception_score",

@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import DTYPES, PretrainedMixin, is_checkpoint, write_atomic
-from ..errors import CtfgenError
-from ..validation import (
+from ctfgen.checkpoint import DTYPES, PretrainedMixin, is_checkpoint
+from ctfgen.errors import CtfgenError
+from ctfgen.files import write_atomic
+from ctfgen.validation import (
     DECAY,
     MAX_CLASSES,
     MAX_IMAGE_SIZE,
@@ -171,7 +172,7 @@ def _learning_rate(cfg: ClassifierTrainConfig, step: int, total: int) -> float:
 def train_classifier(cfg: ClassifierTrainConfig, command: str | None = None) -> dict:
     """Train on the Fashion-MNIST training split, measure test accuracy, save to `cfg.out` (with
     `command`, the command line that made it, in its config)."""
-    from ..data import FashionMNIST
+    from ctfgen.data.datasets import FashionMNIST
 
     check_options(cfg)
     check_output(cfg.out, flag="--out", what="a feature classifier", overwrite=True,

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CtfgenError
-from .features import FeatureNetwork, Features, extract_features
-from .metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
-from .npz import read_image_npz
-from .reference import ReferenceStats, fmnist_uint8, load_reference
+from ctfgen.errors import CtfgenError
+from ctfgen.evaluation.features import FeatureNetwork, Features, extract_features
+from ctfgen.evaluation.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from ctfgen.evaluation.npz import read_image_npz
+from ctfgen.evaluation.reference import ReferenceStats, fmnist_uint8, load_reference
 
 
 @dataclass
@@ -38,7 +38,7 @@ def _fid_or_none(a: tuple | None, b: tuple | None) -> float | None:
 
 def _class_names(network: FeatureNetwork) -> list[str] | None:
     if network.name == "fmnist":
-        from ..data import FMNIST_CLASSES
+        from ctfgen.data.datasets import FMNIST_CLASSES
 
         return list(FMNIST_CLASSES)
     return None
@@ -150,7 +150,7 @@ def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmni
     its tokens faces, since it can at best produce the reconstructions of real token grids."""
     options = options or EvalOptions()
     tic = time.perf_counter()
-    from ..data import FashionMNIST
+    from ctfgen.data.datasets import FashionMNIST
 
     total = len(FashionMNIST("train", data_dir=data_dir))
     index = np.sort(np.random.default_rng(options.seed).permutation(total)[:min(n, total)])
@@ -168,7 +168,7 @@ def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmni
 @torch.no_grad()
 def reconstruct_uint8(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 [N, H, W, 3] -> the tokenizer's reconstructions (encode to tokens, decode), same layout."""
-    from ..data import to_uint8
+    from ctfgen.data.datasets import to_uint8
 
     device = next(tokenizer.parameters()).device
     out = np.empty_like(images)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..assets import pretrained_dir
-from ..errors import CtfgenError
+from ctfgen.data.assets import pretrained_dir
+from ctfgen.errors import CtfgenError
 
 INCEPTION_WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"
 INCEPTION_INSTALL_HINT = ("pip install --no-deps torch-fidelity  (ctfgen loads its Inception-v3 without torchvision; "
@@ -100,7 +100,7 @@ class ClassifierFeatures(FeatureNetwork):
     labels_are_classes = True
 
     def __init__(self, directory, device: str | torch.device = "cpu"):
-        from .classifier import FMNISTClassifier
+        from ctfgen.evaluation.classifier import FMNISTClassifier
 
         self.device = torch.device(device)
         self.model = FMNISTClassifier.from_pretrained(directory, device=self.device)
@@ -116,7 +116,7 @@ class ClassifierFeatures(FeatureNetwork):
                               f"are {'x'.join(map(str, shape[1:]))}; use --features inception for other sizes")
 
     def forward(self, images):
-        from ..data import to_model_range
+        from ctfgen.data.datasets import to_model_range
 
         return self.model.forward_features(to_model_range(images.permute(0, 3, 1, 2)))
 

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

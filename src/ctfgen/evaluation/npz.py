@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 LAYOUT = "expected the ADM layout: arr_0 uint8 [N, H, W, 3] (e.g. from `ctfgen sample --npz`), optional labels [N]"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

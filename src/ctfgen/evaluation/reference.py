@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_atomic
-from ..errors import CtfgenError
-from .features import FeatureNetwork, extract_features, file_digest
-from .metrics import gaussian_stats
-from .npz import read_image_npz
+from ctfgen.errors import CtfgenError
+from ctfgen.evaluation.features import FeatureNetwork, extract_features, file_digest
+from ctfgen.evaluation.metrics import gaussian_stats
+from ctfgen.evaluation.npz import read_image_npz
+from ctfgen.files import write_atomic
 
 CACHE_VERSION = 1  # bump when the cached content or the way it is computed changes
 FMNIST_REFS = {"fmnist-test": "test", "fmnist-train": "train"}
@@ -52,7 +52,7 @@ def cache_dir(directory=None) -> Path:
 
 def fmnist_uint8(split: str, data_dir=None, index=None, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images as the generator sees them, in sample-file form: uint8 [N, 32, 32, 3]."""
-    from ..data import FashionMNIST, to_uint8
+    from ctfgen.data.datasets import FashionMNIST, to_uint8
 
     dataset = FashionMNIST(split, data_dir=data_dir)
     index = torch.arange(len(dataset)) if index is None else torch.as_tensor(index)
@@ -63,7 +63,7 @@ def fmnist_uint8(split: str, data_dir=None, index=None, chunk: int = 2000) -> tu
 
 
 def fmnist_fingerprint(split: str, data_dir=None) -> str:
-    from ..data import FMNIST_FILES, FMNIST_PAD, find_idx, fmnist_dir
+    from ctfgen.data.datasets import FMNIST_FILES, FMNIST_PAD, find_idx, fmnist_dir
 
     root = fmnist_dir(data_dir)
     digests = [file_digest(find_idx(root, stem)) for stem in FMNIST_FILES[split]]

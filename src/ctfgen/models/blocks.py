@@ -9,14 +9,13 @@ sits at position t + 1. Quirks kept on purpose for LlamaGen compatibility are ma
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .gpt import GPTConfig
+from ctfgen.models.config import GPTConfig
 
 CLS_TOKEN_NUM = 1  # class-conditional LlamaGen uses a single class token
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CtfgenError
-from .gpt import GPT, drop_foreign_keys, gpt_config
+from ctfgen.errors import CtfgenError
+from ctfgen.models.config import gpt_config
+from ctfgen.models.gpt import GPT, drop_foreign_keys
 
 
 def load_llamagen_state_dict(path) -> dict[str, torch.Tensor]:

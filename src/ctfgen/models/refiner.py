@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .gpt import MODEL_SHAPES, ClassConditionalTransformer, GPTConfig, config_from_preset
+from ctfgen.models.config import MODEL_SHAPES, GPTConfig, config_from_preset
+from ctfgen.models.gpt import ClassConditionalTransformer
 
 CHECKPOINT_KIND = "refiner"
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import CtfgenError
-from ..pipeline import CTFPipeline
-from ..request import check_sampling, check_stage2
-from ..reroll import coarse_of_images, image_size, read_image, reroll_grid
-from ..sampling_params import SamplingParams, whole_number
-from .batcher import Batcher, Progress, Request
-from .views import grid_image, progress_pixels
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.params import SamplingParams, whole_number
+from ctfgen.sampling.request import check_sampling, check_stage2
+from ctfgen.sampling.reroll import coarse_of_images, image_size, read_image, reroll_grid
+from ctfgen.serve.batcher import Batcher, Progress, Request
+from ctfgen.serve.views import grid_image, progress_pixels
 
 MODES = {"CTF": ("ctf",), "Baseline": ("baseline",), "Both": ("ctf", "baseline")}
 TITLES = {"ctf": "CTF", "baseline": "baseline"}

@@ -7,12 +7,12 @@ as a message on the page (a gradio error toast); the page stays as it was.
 
 from __future__ import annotations
 
-from ..errors import CtfgenError
-from ..pipeline import CTFPipeline
-from ..reroll import image_size
-from ..sampling_params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
-from .actions import MODES, Demo, Limits
-from .offline import import_gradio
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
+from ctfgen.sampling.reroll import image_size
+from ctfgen.serve.actions import MODES, Demo, Limits
+from ctfgen.serve.offline import import_gradio
 
 INTRO = """# ctfgen: coarse-to-fine image generation
 Stage 1 predicts a **coarse label** (a cluster of similar codewords) for each of the {tokens} positions, one

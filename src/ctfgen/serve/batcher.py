@@ -21,10 +21,10 @@ from functools import partial
 
 import torch
 
-from ..errors import CtfgenError
-from ..pipeline import CTFPipeline
-from ..request import PipelineOutput
-from ..sampling_params import SamplingParams
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.params import SamplingParams
+from ctfgen.sampling.request import PipelineOutput
 
 
 @dataclass(frozen=True)

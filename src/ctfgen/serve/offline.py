@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 OFFLINE_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # also turns off gradio's version check

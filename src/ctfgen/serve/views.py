@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..images import make_grid
-from ..pipeline import CTFPipeline
+from ctfgen.data.images import make_grid
+from ctfgen.pipeline import CTFPipeline
 
 COLUMNS = 8
 BLANK = 255  # the part of a picture not sampled yet: the colour of the grid's padding

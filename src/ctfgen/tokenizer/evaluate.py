@@ -6,10 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data import collate_images, crop_original, to_uint8
-from ..errors import CtfgenError
-from ..image_metrics import psnr_per_image
-from .model import VQModel
+from ctfgen.data.datasets import collate_images, crop_original, to_uint8
+from ctfgen.errors import CtfgenError
+from ctfgen.evaluation.image_metrics import psnr_per_image
+from ctfgen.tokenizer.model import VQModel
 
 
 @torch.no_grad()

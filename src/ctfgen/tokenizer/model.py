@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import PretrainedMixin
-from ..errors import CtfgenError
-from ..validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_field_types, check_values
+from ctfgen.checkpoint import PretrainedMixin
+from ctfgen.errors import CtfgenError
+from ctfgen.validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_field_types, check_values
 
 CHECKPOINT_KIND = "vq-tokenizer"
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage buffer has this length whatever the codebook size

@@ -16,22 +16,22 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..batches import StepBatchSampler
-from ..checkpoint import check_optimizer_state
-from ..data import collate_images, load_dataset
-from ..distributed import Runtime, all_reduce_sum, broadcast, launched
-from ..errors import CtfgenError
-from ..precision import PRECISIONS, autocast_context
-from ..run import TrainingRun
-from ..schedule import learning_rate
-from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
-from .model import VQ_PRESETS, VQConfig, VQModel
+from ctfgen.backends.precision import PRECISIONS, autocast_context
+from ctfgen.data.batches import StepBatchSampler
+from ctfgen.data.datasets import collate_images, load_dataset
+from ctfgen.errors import CtfgenError
+from ctfgen.tokenizer.discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+from ctfgen.training.distributed import Runtime, all_reduce_sum, broadcast, launched
+from ctfgen.training.run import TrainingRun
+from ctfgen.training.schedule import learning_rate
+from ctfgen.training.state import check_optimizer_state
 
 
 @dataclass
 class TokenizerTrainConfig:
     """One tokenizer training run. `ctfgen tokenizer train` takes its flags from these fields (see
-    ctfgen.train.TrainConfig)."""
+    ctfgen.training.train.TrainConfig)."""
 
     out: str = field(metadata={"help": "run directory (checkpoint/, metrics.jsonl)"})
     model: str = field(default="VQ-fmnist", metadata={"help": "model preset", "choices": tuple(VQ_PRESETS)})
@@ -62,7 +62,7 @@ class TokenizerTrainConfig:
     log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps"})
     seed: int = field(default=0, metadata={"help": "initial weights, data order and codeword restarts"})
     precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.precision)",
+        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.backends.precision)",
         "choices": PRECISIONS})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N; under torchrun with cuda each "
                                                           "process takes its own GPU"})

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = (

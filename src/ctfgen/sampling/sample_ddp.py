@@ -13,11 +13,11 @@ from dataclasses import fields
 import torch
 from tqdm import tqdm
 
-from .distributed import Runtime, gather_in_order, round_robin_batches
-from .pipeline import CTFPipeline
-from .request import PipelineOutput
-from .sampling import image_seeds
-from .sampling_params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.decode import image_seeds
+from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
+from ctfgen.sampling.request import PipelineOutput
+from ctfgen.training.distributed import Runtime, gather_in_order, round_robin_batches
 
 
 def sample_sharded(pipe: CTFPipeline, classes, runtime: Runtime, *, per_class: int = 1, mode: str = "ctf",

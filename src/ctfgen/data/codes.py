@@ -23,13 +23,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import replace_dir
-from .clustering import CoarseMap
-from .data import FashionMNIST, ImageFolder, center_crop, to_model_range
-from .distributed import Runtime, barrier, gather_in_order, round_robin_batches
-from .errors import CtfgenError
-from .tokenizer.model import VQModel
-from .validation import MAX_CLASSES, MAX_TOKENS, MAX_VOCAB, Whole, check_destination, check_output
+from ctfgen.clustering import CoarseMap
+from ctfgen.data.datasets import FashionMNIST, ImageFolder, center_crop, to_model_range
+from ctfgen.errors import CtfgenError
+from ctfgen.files import replace_dir
+from ctfgen.tokenizer.model import VQModel
+from ctfgen.training.distributed import Runtime, barrier, gather_in_order, round_robin_batches
+from ctfgen.validation import MAX_CLASSES, MAX_TOKENS, MAX_VOCAB, Whole, check_destination, check_output
 
 MANIFEST = "manifest.json"
 FORMAT = "ctfgen-codes-v1"

@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from .errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 
 def whole_number(value, what: str, minimum: int | None = None) -> int:

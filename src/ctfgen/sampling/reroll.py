@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import FMNIST_PAD, FMNIST_SIDE
-from .errors import CtfgenError
-from .images import make_grid
-from .pipeline import CTFPipeline
+from ctfgen.data.datasets import FMNIST_PAD, FMNIST_SIDE
+from ctfgen.data.images import make_grid
+from ctfgen.errors import CtfgenError
+from ctfgen.pipeline import CTFPipeline
 
 
 def image_size(pipe: CTFPipeline) -> int:

@@ -36,22 +36,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from .checkpoint import (
+from ctfgen.checkpoint import TRAIN_STATE_NAME, check_weight_shapes, load_weights, remove_stale_writes, save_checkpoint
+from ctfgen.errors import CtfgenError
+from ctfgen.training.distributed import Runtime, all_gather_object, any_rank, barrier
+from ctfgen.training.state import (
     RUN_CONFIG_NAME,
-    TRAIN_STATE_NAME,
     capture_rng,
     check_optimizer_state,
-    check_weight_shapes,
     is_run_dir,
     load_train_state,
-    load_weights,
-    remove_stale_writes,
     restore_rng,
-    save_checkpoint,
 )
-from .distributed import Runtime, all_gather_object, any_rank, barrier
-from .errors import CtfgenError
-from .validation import check_options, check_output
+from ctfgen.validation import check_options, check_output
 
 METRICS_NAME = "metrics.jsonl"
 

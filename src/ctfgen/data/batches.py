@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-from .errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from .clustering import CoarseMap, cluster_codebook
-from .data import FashionMNIST, crop_original, to_uint8
-from .errors import CtfgenError
-from .image_metrics import psnr_per_image, ssim_per_image
-from .tokenizer.model import VQModel
+from ctfgen.clustering import CoarseMap, cluster_codebook
+from ctfgen.data.datasets import FashionMNIST, crop_original, to_uint8
+from ctfgen.errors import CtfgenError
+from ctfgen.evaluation.image_metrics import psnr_per_image, ssim_per_image
+from ctfgen.tokenizer.model import VQModel
 
 
 def swap_within_clusters(codes: torch.Tensor, coarse_map: CoarseMap, generator: torch.Generator) -> torch.Tensor:

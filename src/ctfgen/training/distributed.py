@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CtfgenError
+from ctfgen.errors import CtfgenError
 
 
 @dataclass

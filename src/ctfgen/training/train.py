@@ -26,17 +26,18 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .batches import StepBatchSampler
-from .clustering import CoarseMap
-from .codes import CodeDataset
-from .distributed import Runtime, all_reduce_sum, launched
-from .errors import CtfgenError
-from .models.blocks import TransformerBlock
-from .models.gpt import GPT, GPT_PRESETS, gpt_config
-from .models.refiner import Refiner, refiner_config
-from .precision import PRECISIONS, autocast_context
-from .run import TrainingRun
-from .schedule import LR_SCHEDULES, learning_rate
+from ctfgen.backends.precision import PRECISIONS, autocast_context
+from ctfgen.clustering import CoarseMap
+from ctfgen.data.batches import StepBatchSampler
+from ctfgen.data.codes import CodeDataset
+from ctfgen.errors import CtfgenError
+from ctfgen.models.blocks import TransformerBlock
+from ctfgen.models.config import GPT_PRESETS, gpt_config
+from ctfgen.models.gpt import GPT
+from ctfgen.models.refiner import Refiner, refiner_config
+from ctfgen.training.distributed import Runtime, all_reduce_sum, launched
+from ctfgen.training.run import TrainingRun
+from ctfgen.training.schedule import LR_SCHEDULES, learning_rate
 
 STAGES = ("baseline", "stage1", "stage2")
 
@@ -83,7 +84,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps"})
     seed: int = field(default=0, metadata={"help": "initial weights, data order and dropout masks"})
     precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.precision)",
+        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.backends.precision)",
         "choices": PRECISIONS})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N; under torchrun with cuda each "
                                                           "process takes its own GPU"})

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import CtfgenError
-from .sampling_params import SamplingParams, whole_number
+from ctfgen.errors import CtfgenError
+from ctfgen.sampling.params import SamplingParams, whole_number
 
 OUTPUT_TYPES = ("pil", "pt", "np")
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import CtfgenError
-from .models.gpt import GPT
-from .models.refiner import Refiner
-from .sampling_params import SamplingParams, whole_number
+from ctfgen.errors import CtfgenError
+from ctfgen.models.gpt import GPT
+from ctfgen.models.refiner import Refiner
+from ctfgen.sampling.params import SamplingParams, whole_number
 
 SEED_RANGE = 2**63 - 1  # seeds drawn from a generator lie in [0, SEED_RANGE)
 

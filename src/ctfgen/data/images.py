@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
-from .checkpoint import write_atomic, write_dir_atomic
+from ctfgen.files import write_atomic, write_dir_atomic
 
 PNG_TAG = ("Software", "ctfgen")
 # An extra array in the .npz files ctfgen writes; readers of the ADM layout (arr_0, labels) pass over it.

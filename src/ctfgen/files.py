@@ -1,0 +1,95 @@
+"""Writing outputs so that nothing is ever half-written: to a temporary sibling, renamed into place when complete.
+A destination that exists is replaced only when it is ctfgen's own earlier output (or empty), never a user's file."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ctfgen.errors import CtfgenError
+from ctfgen.validation import check_destination
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, directory: bool) -> None:
+    """tempfile (and safetensors' own temporary file) create private files (0600/0700); give finished outputs,
+    and the files of a finished directory, the usual permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    if directory:
+        for file in Path(path).iterdir():
+            _publish_mode(file, directory=file.is_dir())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE), so that a process killed at
+    any moment leaves one of them complete at `b`; False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # not supported by this kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, final: Path, is_ours) -> None:
+    """Move a fully written directory `tmp` to `final`, replacing what was there only when that is empty or
+    `is_ours(final)` (ctfgen's own earlier output): never a user's directory, a symlink or a device."""
+    check_destination(final, directory=True)
+    if not final.exists():
+        tmp.rename(final)
+        return
+    if any(final.iterdir()) and not is_ours(final):
+        raise CtfgenError(f"{final} exists and was not written by ctfgen; it is left as it is: choose another path")
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    final.rename(old)  # over the empty directory just made
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path) and rename the result to `path` only once it is complete; `path` must be new or a
+    regular file (renaming over a symlink or a device would replace it, not write through it)."""
+    path = Path(path)
+    check_destination(path, directory=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _publish_mode(tmp, directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dir_atomic(directory, write, is_ours) -> Path:
+    """Call write(tmp_dir) and put the complete directory at `directory` (see replace_dir: in place of an empty
+    one or of what `is_ours`), so that a run killed half-way leaves nothing half-written there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        _publish_mode(tmp, directory=True)
+        replace_dir(tmp, directory, is_ours)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
