@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_PRETRAINED = Path(__file__).resolve().parents[2] / "pretrained"
+REPO_PRETRAINED = Path(__file__).resolve().parents[3] / "pretrained"  # src/ctfgen/data/assets.py -> the repository
 
 
 def pretrained_dir() -> Path:
