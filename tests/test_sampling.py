@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from ctfgen.sampling.decode import (
     refine,
     request_seed,
     sample_categorical,
+    sample_tokens,
     sample_within_clusters,
     sample_within_clusters_loop,
 )
@@ -104,6 +106,65 @@ def test_top_k_and_top_p_filters():
     assert kept.tolist() == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
 
 
+def expected_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
+    """What sampling at these settings should draw from, written out from the definitions in float64: softmax of
+    logits / temperature over the top_k largest logits (-inf ones never count), then over the fewest most likely
+    of those whose probabilities add up to top_p (the one that crosses top_p kept); 0 elsewhere."""
+    logits = np.asarray(logits, dtype=np.float64)
+    kept = np.isfinite(logits)
+    if top_k:
+        kept &= logits >= np.sort(logits[kept])[::-1][min(top_k, kept.sum()) - 1]
+
+    def softmax(mask):
+        z = np.where(mask, logits / temperature, -np.inf)
+        e = np.exp(z - z[mask].max())
+        return e / e.sum()
+
+    probs = softmax(kept)
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]  # probability of the more likely tokens
+    nucleus = np.zeros_like(kept)
+    nucleus[order] = before < top_p
+    return softmax(kept & nucleus)
+
+
+def test_expected_probabilities_by_hand():
+    """The reference itself, on numbers worked out on paper: logits ln(4), ln(2), ln(1), ln(1) give 1/2, 1/4, 1/8,
+    1/8; temperature 1/2 squares the odds (16 : 4 : 1 : 1), temperature 2 takes their square roots; top_k 2 keeps
+    2/3, 1/3; top_p 0.7 keeps the two first (1/2 < 0.7 <= 3/4)."""
+    logits = np.log([4.0, 2.0, 1.0, 1.0])
+    np.testing.assert_allclose(expected_probabilities(logits), [1 / 2, 1 / 4, 1 / 8, 1 / 8])
+    np.testing.assert_allclose(expected_probabilities(logits, temperature=0.5), np.array([16, 4, 1, 1]) / 22)
+    odds = np.array([2, 2**0.5, 1, 1])
+    np.testing.assert_allclose(expected_probabilities(logits, temperature=2.0), odds / odds.sum())
+    np.testing.assert_allclose(expected_probabilities(logits, top_k=2), [2 / 3, 1 / 3, 0, 0])
+    np.testing.assert_allclose(expected_probabilities(logits, top_p=0.7), [2 / 3, 1 / 3, 0, 0])
+    np.testing.assert_allclose(expected_probabilities(logits, top_p=0.5), [1, 0, 0, 0])
+
+
+def grid_frequencies(logits: torch.Tensor, params: SamplingParams, n: int = 20000) -> np.ndarray:
+    """How often `sample_tokens` picks each token of logits [V] at the numbers (j + 1/2) / n, j < n: inverting a
+    distribution at them picks token v for n * p(v) of them, give or take one, so these are the sampler's
+    probabilities to 1 / n (not a random draw)."""
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = sample_tokens(logits.expand(n, -1), params, grid)
+    return (torch.bincount(tokens, minlength=len(logits)).double() / n).numpy()
+
+
+SETTINGS = [{}, {"temperature": 0.5}, {"temperature": 1.8}, {"top_k": 3}, {"top_p": 0.75},
+            {"temperature": 0.7, "top_k": 5, "top_p": 0.8}, {"temperature": 1.6, "top_p": 0.9}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_sampling_draws_from_the_tempered_filtered_softmax(settings):
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.2, -0.3, 0.0, 0.9, -2.0])
+    n = 20000
+    expected = expected_probabilities(logits.numpy(), **settings)
+    assert np.abs(grid_frequencies(logits, SamplingParams(**settings), n) - expected).max() <= 1 / n + 1e-6
+    if settings:  # each setting changes what is drawn
+        assert np.abs(expected - expected_probabilities(logits.numpy())).max() > 0.05
+
+
 def test_stage2_samples_stay_in_their_clusters():
     torch.manual_seed(0)
     coarse_map = cluster_codebook(torch.randn(64, 4), 8, seed=0)
@@ -119,10 +180,12 @@ def test_stage2_samples_stay_in_their_clusters():
     assert not torch.equal(coarse_map.coarse_of_fine[free], coarse)  # the ablation really lifts the restriction
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
+@pytest.mark.parametrize("cfg_scale,settings", [(1.0, {}), (3.0, {}), (1.0, {"temperature": 0.6}),
+                                               (3.0, {"temperature": 1.7, "top_k": 3}), (1.0, {"top_p": 0.7})])
+def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale, settings):
     """Computing only the members' logits gives what masking all V logits gives: the greedy tokens, and at every
-    position the very distribution (the sampler's answers to a fine grid of numbers, not a random draw)."""
+    position the very distribution (the sampler's answers to a fine grid of numbers, not a random draw), tempered
+    and filtered among the cluster's members as `expected_probabilities` writes out."""
     torch.manual_seed(1)
     coarse_map = cluster_codebook(torch.randn(64, 4), 8, seed=0)
     refiner = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, block_size=16,
@@ -144,10 +207,10 @@ def test_stage2_within_cluster_sampling_is_the_masked_full_softmax(cfg_scale):
     n = 1000
     grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None].expand(n, 16)
     tokens = refine(refiner, coarse[:1].expand(n, -1), labels[:1].expand(n), coarse_map.coarse_of_fine,
-                    SamplingParams(cfg_scale=cfg_scale), uniforms=grid)
-    freq = torch.stack([torch.bincount(tokens[:, t], minlength=64) for t in range(16)]).double() / n
-    probs = masked[0].double().softmax(-1)
-    assert (freq - probs).abs().max() <= 1 / n + 1e-6
+                    SamplingParams(cfg_scale=cfg_scale, **settings), uniforms=grid)
+    freq = torch.stack([torch.bincount(tokens[:, t], minlength=64) for t in range(16)]).double().numpy() / n
+    probs = np.stack([expected_probabilities(row, **settings) for row in masked[0].double().numpy()])
+    assert np.abs(freq - probs).max() <= 1 / n + 1e-6
     assert freq[probs == 0].sum() == 0
 
 
