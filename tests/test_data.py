@@ -294,6 +294,16 @@ def test_image_folder_grey_image_becomes_rgb(tmp_path):
     assert torch.all(image == 1.0)
 
 
+def test_image_folder_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (mode I;16) at a quarter of its range reads as a quarter grey, not as white."""
+    root = tmp_path / "imgs"
+    (root / "g").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 16384, dtype=np.uint16)).save(root / "g" / "deep.png")
+    assert Image.open(root / "g" / "deep.png").mode == "I;16"
+    image, _ = ImageFolder(root, image_size=8)[0]
+    assert torch.all(to_uint8(image) == round(16384 * 255 / 65535))
+
+
 def test_image_folder_corrupt_image_raises(tmp_path):
     root = make_folder(tmp_path / "imgs")
     bad = root / "banana" / "bad.jpg"

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.data.datasets import FashionMNIST, ImageFolder, center_crop, to_model_range
+from ctfgen.data.datasets import FashionMNIST, ImageFolder, center_crop, rgb_image, to_model_range
 from ctfgen.errors import CtfgenError
 from ctfgen.files import replace_dir
 from ctfgen.tokenizer.model import VQModel
@@ -57,7 +57,7 @@ class ViewDataset(Dataset):
         path, _ = self.dataset.files[i]
         size = self.dataset.image_size
         with Image.open(path) as f:
-            big = center_crop(f.convert("RGB"), int(size * self.crop_range))
+            big = center_crop(rgb_image(f), int(size * self.crop_range))
         arr = torch.from_numpy(np.asarray(big, dtype=np.uint8).copy()).permute(2, 0, 1)
         m = arr.shape[-1] - size
         corners = [(0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2)]

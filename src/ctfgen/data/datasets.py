@@ -135,6 +135,16 @@ class FashionMNIST(Dataset):
         return [(self.images(index), self.labels[index])]
 
 
+def rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as ADM's `convert("RGB")`, except 16- and 32-bit integer grey (16-bit PNGs and
+    TIFFs): `convert` would clip their values at 255, a white image, so they are scaled to 8 bits first."""
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(values * (255.0 / high)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """ADM / LlamaGen centre crop: box-halve while large, bicubic-resize the short side, crop."""
     while min(image.size) >= 2 * size:
@@ -180,7 +190,7 @@ class ImageFolder(Dataset):
         path, label = self.files[i]
         try:
             with Image.open(path) as f:
-                image = center_crop(f.convert("RGB"), self.image_size)
+                image = center_crop(rgb_image(f), self.image_size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad:
                 raise CtfgenError(f"cannot decode image {path} ({e}); remove it or pass --skip-bad-images") from None
