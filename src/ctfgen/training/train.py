@@ -72,6 +72,9 @@ class TrainConfig:
         "help": "probability of dropping the class label (trains the unconditional side of classifier-free guidance)"})
     dropout: float | None = field(default=None, metadata={
         "help": "token, residual and FFN dropout instead of the preset's (LlamaGen: 0.1)"})
+    reveal: bool = field(default=False, metadata={
+        "help": "stage2: a refiner that also reads revealed fine tokens, trained with a random share of each grid "
+                "revealed (MaskGIT's cosine schedule), for sampling in several steps (--stage2-steps)"})
     ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 disables"})
     eval_every: int = field(default=500, metadata={"help": "held-out loss/accuracy every N steps (with --eval-codes)"})
     eval_items: int = field(default=2000, metadata={"help": "held-out items scored each time"})
@@ -139,7 +142,9 @@ def build_model(cfg: TrainConfig, data: StageData):
     shape = dict(block_size=data.block_size, num_classes=data.num_classes)
     if cfg.stage == "stage2":
         return Refiner(refiner_config(cfg.model, vocab_size=data.fine_vocab, coarse_vocab_size=data.input_vocab,
-                                      **shape, **overrides))
+                                      fine_inputs=cfg.reveal, **shape, **overrides))
+    if cfg.reveal:
+        raise CtfgenError(f"--reveal is for --stage stage2 (the refiner), not {cfg.stage}")
     return GPT(gpt_config(cfg.model, vocab_size=data.target_vocab, **shape, **overrides))
 
 
