@@ -87,20 +87,23 @@ class ClassConditionalTransformer(PretrainedMixin, nn.Module):
             raise ValueError(f"{type(self).__name__} got {n_tokens} tokens per sample; it takes 1 to "
                              f"block_size={self.config.block_size}")
 
-    def embed(self, labels: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, labels: torch.Tensor | None, tokens: torch.Tensor | None,
+              extra: torch.Tensor | None = None) -> torch.Tensor:
         """The class token (labels [B]; class dropout in training) followed by the embeddings of tokens [B, S]
-        (either may be None): [B, 1 + S, dim] (or [B, S] / [B, 1]), through the token dropout."""
+        (either may be None; `extra` [B, S, dim] is added to the tokens' embeddings): [B, 1 + S, dim] (or
+        [B, S] / [B, 1]), through the token dropout."""
         parts = []
         if labels is not None:
             parts.append(self.cls_embedding(labels, train=self.training))
         if tokens is not None:
-            parts.append(self.tok_embeddings(tokens))
+            parts.append(self.tok_embeddings(tokens) if extra is None else self.tok_embeddings(tokens) + extra)
         return self.tok_dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
-    def hidden_states(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The class token and tokens [B, S] at sequence positions 0..S through every block (uncached): the
-        hidden states [B, 1 + S, dim] before the final norm."""
-        h = self.embed(labels, tokens)
+    def hidden_states(self, labels: torch.Tensor, tokens: torch.Tensor,
+                      extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The class token and tokens [B, S] (plus `extra` embeddings, see `embed`) at sequence positions 0..S
+        through every block (uncached): the hidden states [B, 1 + S, dim] before the final norm."""
+        h = self.embed(labels, tokens, extra)
         freqs_cis = self.rope.freqs_cis[: h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs_cis)
