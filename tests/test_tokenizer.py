@@ -129,8 +129,12 @@ def _train(out, data_dir, **overrides):
     return train_tokenizer(TokenizerTrainConfig(**(args | overrides)))
 
 
-def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fmnist, monkeypatch):
-    _train(tmp_path / "straight", fake_fmnist)
+@pytest.mark.parametrize("restarts", [dict(), dict(codebook_size=1024, restart_every=1),
+                                      dict(codebook_size=1024, restart_every=3)])
+def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fmnist, monkeypatch, restarts):
+    """Also with dead codewords restarted after the resume (1024 codes: most are dead), from the usage counted before
+    the stop (restart_every 3: the window spans the stop at step 2)."""
+    _train(tmp_path / "straight", fake_fmnist, **restarts)
 
     learning_rate = train_module.learning_rate
 
@@ -140,11 +144,11 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fm
         return learning_rate(step, *args)
 
     monkeypatch.setattr(train_module, "learning_rate", interrupt_at_step_1)
-    stopped = _train(tmp_path / "split", fake_fmnist)
+    stopped = _train(tmp_path / "split", fake_fmnist, **restarts)
     assert stopped["step"] == 2
     assert json.loads((tmp_path / "split/checkpoint/config.json").read_text())["step"] == 2
     monkeypatch.setattr(train_module, "learning_rate", learning_rate)
-    resumed = _train(tmp_path / "split", fake_fmnist, resume=True)
+    resumed = _train(tmp_path / "split", fake_fmnist, resume=True, **restarts)
     assert resumed["step"] == 4
 
     straight, split = load_weights(tmp_path / "straight/checkpoint"), load_weights(tmp_path / "split/checkpoint")

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ctfgen.backends.precision import PRECISIONS, autocast_context
+from ctfgen.checkpoint import RESUME_FIX
 from ctfgen.data.batches import StepBatchSampler
 from ctfgen.data.datasets import collate_images, load_dataset
 from ctfgen.errors import CtfgenError
@@ -120,17 +121,20 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(model.parameters(), **opt_args)
     disc_optimizer = torch.optim.AdamW(disc.parameters(), **opt_args) if disc else None
-    saved = run.start(model, optimizer, extra_state=lambda: {} if disc is None else {
-        "discriminator": disc.state_dict(), "disc_optimizer": disc_optimizer.state_dict()})
+    # Codeword usage since the last restart, counted by each process; a checkpoint keeps the sum over processes.
+    usage = torch.zeros(model.config.codebook_size, device=runtime.device)
+    saved = run.start(model, optimizer, extra_state=lambda: {
+        "usage": all_reduce_sum(usage.clone(), runtime).cpu(), **({} if disc is None else {
+            "discriminator": disc.state_dict(), "disc_optimizer": disc_optimizer.state_dict()})})
     if saved is not None and disc is not None:
         load_discriminator(disc, disc_optimizer, saved, run.checkpoint_dir)
+    if saved is not None and runtime.is_main:  # the sum on one process: the restarts' all-reduce gives it back
+        usage.copy_(saved_usage(saved, usage, run.checkpoint_dir))
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=run.start_step,
                                end_step=cfg.steps, rank=runtime.rank, world_size=runtime.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.num_workers)
     train_model = DDP(model, broadcast_buffers=False) if runtime.distributed else model
     train_disc = DDP(disc, broadcast_buffers=False) if disc and runtime.distributed else disc
-    usage = torch.zeros(model.config.codebook_size, device=runtime.device)
-    restart_generator = torch.Generator().manual_seed(cfg.seed + run.start_step)
 
     last = {}
     tic = time.perf_counter()
@@ -164,7 +168,9 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             usage += torch.bincount(q.indices.flatten(), minlength=len(usage))
             if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
                 all_reduce_sum(usage, runtime)
-                n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, restart_generator)
+                # Seeded from (seed, step), as the data order: a resumed run restarts the same codewords.
+                generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+                n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, generator)
                 used_fraction = float((usage > 0).float().mean())
                 usage.zero_()
                 last["codebook_usage_window"] = used_fraction
@@ -186,6 +192,15 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             if run.end_step(step + 1):
                 break
     return {**last, "step": step + 1, "checkpoint": str(run.checkpoint_dir)}
+
+
+def saved_usage(saved: dict, usage: torch.Tensor, checkpoint_dir) -> torch.Tensor:
+    """The codeword usage a checkpoint kept (zeros for one written before it kept any)."""
+    value = saved.get("usage", torch.zeros_like(usage))
+    if not isinstance(value, torch.Tensor) or value.shape != usage.shape:
+        raise CtfgenError(f"{checkpoint_dir}: the saved codeword usage does not fit a codebook of {len(usage)}; "
+                          f"{RESUME_FIX}")
+    return value
 
 
 def load_discriminator(disc: PatchDiscriminator, disc_optimizer, saved: dict, checkpoint_dir) -> None:
