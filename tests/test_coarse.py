@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from ctfgen import cli
-from ctfgen.clustering import CoarseMap, cluster_codebook, codebook_fingerprint
+from ctfgen.clustering import CoarseMap, cluster_codebook, codebook_fingerprint, kmeans
 from ctfgen.data.codes import CodeDataset, extract_codes
 from ctfgen.data.datasets import FashionMNIST
 from ctfgen.errors import CtfgenError
@@ -32,8 +32,35 @@ def test_kmeans_inertia_within_1_percent_of_sklearn(source, k):
     else:
         codebook = torch.randn(16384, 8, generator=torch.Generator().manual_seed(0))
     coarse_map = cluster_codebook(codebook, k, seed=0)
-    assert coarse_map.inertia <= 1.01 * sklearn_inertia(codebook, k)
+    inertia = inertia_by_hand(codebook, coarse_map.coarse_of_fine, k)
+    assert coarse_map.inertia == pytest.approx(inertia, rel=1e-9)  # the inertia the map reports is its own
+    assert inertia <= 1.01 * sklearn_inertia(codebook, k)
     assert coarse_map.cluster_sizes().min() >= 1 and coarse_map.k == k
+
+
+def inertia_by_hand(codebook: torch.Tensor, assignment: torch.Tensor, k: int, centroids=None) -> float:
+    """Sum of squared distances of the L2-normalised codewords to their cluster's centroid (by default its
+    members' mean), in numpy float64, cluster by cluster."""
+    x = F.normalize(codebook.double(), dim=-1).numpy()
+    total = 0.0
+    for c in range(k):
+        members = x[assignment.numpy() == c]
+        centre = members.mean(0) if centroids is None else centroids[c].double().numpy()
+        total += float(((members - centre) ** 2).sum())
+    return total
+
+
+def test_kmeans_returns_the_inertia_of_its_assignment_and_centroids():
+    """kmeans' own (labels, centroids, inertia): the centroids are their members' means, the inertia theirs, and
+    no codeword is nearer another centroid (Lloyd's fixed point)."""
+    codebook = torch.randn(500, 8, generator=torch.Generator().manual_seed(2))
+    x = F.normalize(codebook.double(), dim=-1)
+    labels, centroids, inertia = kmeans(x, 16, n_init=2, seed=0)
+    for c in range(16):
+        np.testing.assert_allclose(centroids[c].numpy(), x[labels == c].mean(0).numpy(), rtol=0, atol=1e-12)
+    assert inertia == pytest.approx(inertia_by_hand(codebook, labels, 16, centroids), rel=1e-9)
+    distances = ((x[:, None] - centroids[None]) ** 2).sum(-1)
+    assert torch.equal(distances.argmin(1), labels)
 
 
 def test_kmeans_is_deterministic_and_random_is_balanced():

@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from PIL import Image
 from ctfgen import cli
 from ctfgen.bench import benchmark
 from ctfgen.clustering import cluster_codebook
-from ctfgen.data.datasets import FMNIST_CLASSES
+from ctfgen.data.datasets import FMNIST_CLASSES, to_uint8
 from ctfgen.errors import CtfgenError
 from ctfgen.models.config import gpt_config
 from ctfgen.models.gpt import GPT
@@ -58,6 +59,28 @@ def test_images_seeds_and_preview(pipe):
     assert baseline.images.shape == (2, 3, 32, 32) and baseline.coarse is None
 
 
+def test_preview_decodes_each_labels_normalised_mean_codeword(pipe):
+    """A stage-1 preview is the decoder's picture of, at each position, the mean of its cluster's codewords (the
+    tokenizer's codes, L2-normalised), normalised again as a code is: computed here in numpy, cluster by cluster."""
+    assert pipe.tokenizer.config.codebook_l2_norm
+    codewords = pipe.tokenizer.codebook_weights.double().numpy()
+    codewords /= np.linalg.norm(codewords, axis=1, keepdims=True)
+    cluster_of = pipe.coarse_map.coarse_of_fine.numpy()
+    means = np.stack([codewords[cluster_of == c].mean(0) for c in range(pipe.coarse_map.k)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    out = pipe([0, 3, 7], seed=1, preview=True, output_type="pt")
+    latents = means[out.coarse.numpy()].transpose(0, 3, 1, 2)  # [B, D, h, w]
+    np.testing.assert_allclose(pipe.cluster_mean_latents(out.coarse).numpy(), latents, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        decoded = to_uint8(pipe.tokenizer.decode_latents(torch.from_numpy(latents).float()))
+        assert (out.previews.int() - decoded.int()).abs().max() <= 1  # float32 latents: a rounding may flip
+        assert (out.images.int() - decoded.int()).abs().max() > 10  # the previews are not the final images
+        # Exactly, with a float64 decoder: no float32 rounding to flip a pixel.
+        exact = CTFPipeline(copy.deepcopy(pipe.tokenizer).double(), pipe.coarse_map, pipe.stage1, pipe.stage2)
+        expected = to_uint8(exact.tokenizer.decode_latents(torch.from_numpy(latents)))
+    assert torch.equal(exact.decode_preview(out.coarse), expected)
+
+
 def test_output_types(pipe):
     pt = pipe([1, 2], seed=0, output_type="pt", preview=True)
     assert pt.images.dtype == torch.uint8 and pt.images.shape == (2, 3, 32, 32)
@@ -103,12 +126,13 @@ def test_batch_size_does_not_change_the_images_for_a_seed(pipe):
     ([1], {"output_type": "jpg"}, "output_type"), ([1], {"mode": "fast"}, "unknown mode"),
     ([1], {"sampling": {"temperature": 1.0}}, "sampling must be a SamplingParams"),
     ([1], {"sampling": SamplingParams(top_k=9)}, "top_k must be between 0 .* 8"),
-    ([1], {"stage2_sampling": SamplingParams(top_k=65)}, "stage2_sampling: top_k"),
+    ([1], {"stage2_sampling": SamplingParams(top_k=65)}, "stage 2: top_k"),
     ([1], {"stage2_sampling": SamplingParams(cfg_interval=3)}, "cfg_interval is for stage 1"),
     ([1], {"mode": "baseline", "preview": True}, "preview"), ([1], {"callback_steps": 0}, "callback_steps"),
     ([1], {"callback": 3}, "callback must be callable"), ([1], {"seed": -1}, "seed"), ([1], {"seed": 0.5}, "seed"),
     ([1, 2], {"seed": [(0, 0)]}, "one \\(seed, index\\) pair per image"), ([1], {"seed": [5]}, "pair"),
-    ([1], {"seed": [(0, -1)]}, "image index must be at least 0"),
+    ([1], {"seed": [(0, -1)]}, "image index must be between 0 and 4294967295"),
+    ([1], {"seed": 2**32}, "seed must be between 0 and 4294967295"), ([1], {"seed": [(2**70, 0)]}, "seed must be"),
 ])
 def test_bad_requests_are_refused(pipe, classes, kwargs, message):
     with pytest.raises(CtfgenError, match=message):

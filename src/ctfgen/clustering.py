@@ -131,10 +131,8 @@ class CoarseMap:
         return list(torch.split(order, self.cluster_sizes().tolist()))
 
     def centroids(self, codebook: torch.Tensor) -> torch.Tensor:
-        """The mean normalised codeword of each cluster: [K, D]."""
-        x = F.normalize(codebook.float(), dim=-1)
-        sums = torch.zeros(self.k, x.shape[1]).index_add_(0, self.coarse_of_fine, x.cpu())
-        return sums / self.cluster_sizes()[:, None].float()
+        """The mean normalised codeword of each cluster: [K, D] float64."""
+        return cluster_means(codebook, self.coarse_of_fine, self.k)
 
     def check_fingerprint(self, fingerprint: str, vocab_size: int, where: str = "the tokenizer") -> None:
         if vocab_size != self.vocab_size or fingerprint != self.fingerprint:
@@ -194,11 +192,17 @@ class CoarseMap:
             return False
 
 
-def inertia_of(codebook: torch.Tensor, coarse_of_fine: torch.Tensor, k: int) -> float:
-    x = F.normalize(codebook.double(), dim=-1)
+def cluster_means(codebook: torch.Tensor, coarse_of_fine: torch.Tensor, k: int) -> torch.Tensor:
+    """The mean L2-normalised codeword of each of the k clusters, [K, D] on the CPU, in float64: the same on every
+    CPU kind (zero for a cluster without members)."""
+    x = F.normalize(codebook.detach().cpu().double(), dim=-1)
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, coarse_of_fine, x)
-    means = sums / torch.bincount(coarse_of_fine, minlength=k).clamp_min(1)[:, None]
-    return float((x - means[coarse_of_fine]).pow(2).sum())
+    return sums / torch.bincount(coarse_of_fine, minlength=k).clamp_min(1)[:, None]
+
+
+def inertia_of(codebook: torch.Tensor, coarse_of_fine: torch.Tensor, k: int) -> float:
+    x = F.normalize(codebook.detach().cpu().double(), dim=-1)
+    return float((x - cluster_means(codebook, coarse_of_fine, k)[coarse_of_fine]).pow(2).sum())
 
 
 def cluster_codebook(codebook: torch.Tensor, k: int, method: str = "kmeans", seed: int = 0,

@@ -331,9 +331,11 @@ class CTFPipeline:
         return to_uint8(self.tokenizer.decode_latents(self.cluster_mean_latents(coarse))).cpu()
 
     def cluster_mean_latents(self, coarse: torch.Tensor) -> torch.Tensor:
-        """Coarse grid [B, h, w] -> latents [B, D, h, w]: each label's normalised mean codeword."""
-        means = F.normalize(self.coarse_map.centroids(self.tokenizer.codebook), dim=-1).to(coarse.device)
-        return means[coarse].permute(0, 3, 1, 2)
+        """Coarse grid [B, h, w] -> latents [B, D, h, w] in the decoder's dtype: each label's normalised mean
+        codeword, computed in float64 from the stored codebook (a float64 decoder then draws the same preview on
+        every CPU kind)."""
+        means = F.normalize(self.coarse_map.centroids(self.tokenizer.codebook_weights), dim=-1)
+        return means.to(coarse.device, self.tokenizer.post_quant_conv.weight.dtype)[coarse].permute(0, 3, 1, 2)
 
     def compile_decoding(self) -> CTFPipeline:
         """torch.compile the one-token decode step of stage 1 and the baseline (`GPT.compile_decode_step`).
