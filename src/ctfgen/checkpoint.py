@@ -11,18 +11,22 @@ import dataclasses
 import json
 import re
 import shutil
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ctfgen.errors import CtfgenError
-from ctfgen.files import write_dir_atomic
+from ctfgen.files import save_tensors, write_dir_atomic
 from ctfgen.validation import config_from_dict
 
 CONFIG_NAME, WEIGHTS_NAME, TRAIN_STATE_NAME = "config.json", "model.safetensors", "train_state.pt"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()} | {torch.float64: "fp64"}
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors'
 SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes here first (Rust tempfile's name)
 RESUME_FIX = "resume with the options the run was started with"
 MAX_BUFFER_BYTES = 2**30  # tables a model computes beyond its weights (RoPE): far more means a corrupt config
@@ -37,14 +41,41 @@ def is_checkpoint(directory, kind: str | None = None) -> bool:
     return isinstance(config, dict) and isinstance(config.get("kind"), str) and kind in (None, config["kind"])
 
 
+def tensors_to_save(state_dict: dict, dtype: str | None = None, stored: dict | None = None) -> tuple[dict, Counter]:
+    """The tensors of `state_dict` as they are to be written, and how many tensors of each dtype the cast to
+    `dtype` rounded ({"fp32": n}). dtype None keeps every value: a floating tensor goes back to the dtype it was
+    loaded from (`stored`, name -> dtype) where that holds it exactly (a loaded fp16 model saves fp16 again), else
+    stays in its own. dtype "fp32"/"fp16"/"bf16" casts every floating tensor to it, rounding where it must."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CtfgenError(f"dtype must be one of {', '.join(DTYPES)} (or None: as they are), got {dtype!r}")
+    tensors, rounded = {}, Counter()
+    for name, value in state_dict.items():
+        value = value.detach().cpu().contiguous()
+        if value.is_floating_point():
+            target = DTYPES[dtype] if dtype else (stored or {}).get(name, value.dtype)
+            cast = value.to(target)
+            if not torch.equal(cast.to(value.dtype), value):
+                if dtype is None:
+                    cast = value  # changed since it was loaded: the stored dtype no longer holds it
+                else:
+                    rounded[DTYPE_NAMES.get(value.dtype, str(value.dtype))] += 1
+            value = cast
+        tensors[name] = value
+    return tensors, rounded
+
+
 def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict | None = None,
-                    dtype: str | None = None) -> Path:
-    """Write a checkpoint directory atomically; `dtype` casts floating weights (e.g. "bf16" to ship)."""
+                    dtype: str | None = None, stored: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically, the weights as `tensors_to_save` gives them: as they are unless
+    `dtype` is asked for (e.g. "fp16" to ship), and then a cast that rounds says so (a warning)."""
+    tensors, rounded = tensors_to_save(state_dict, dtype, stored)
+    if rounded:
+        tensors_of = " and ".join(f"{count} {old}" for old, count in sorted(rounded.items()))
+        warnings.warn(f"{directory}: the cast to {dtype} asked for rounded {tensors_of} weight tensors; leave the "
+                      f"dtype out to save the weights as they are", stacklevel=3)
+
     def write(tmp: Path) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        if dtype is not None:
-            tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
-        save_file(tensors, tmp / WEIGHTS_NAME)
+        save_tensors(tensors, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE_NAME)
@@ -102,6 +133,17 @@ def _weights_path(directory) -> Path:
     return path
 
 
+def stored_dtypes(directory) -> dict[str, torch.dtype]:
+    """The dtype each floating tensor has in a checkpoint's weights file (its header only is read)."""
+    path = _weights_path(directory)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CtfgenError(f"cannot read {path} ({e}); the checkpoint is corrupt") from None
+    return {name: FILE_DTYPES[kind] for name, kind in kinds.items() if kind in FILE_DTYPES}
+
+
 def load_weights(directory) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint in fp32 (integer tensors as they are); non-finite weights are refused."""
     path = _weights_path(directory)
@@ -152,13 +194,17 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory, dtype: str | None = None, train_state: dict | None = None,
                         extra: dict | None = None) -> Path:
-        """Write `directory`; dtype "fp16"/"bf16" casts the floating weights (to ship)."""
+        """Write `directory`. The weights are saved as they are: a model loaded by `from_pretrained` saves each
+        tensor in the dtype it was loaded from (unless it changed since), so that loading gives the same model.
+        dtype "fp32"/"fp16"/"bf16" casts the floating weights (to ship); a cast that rounds warns."""
         config = {"kind": self.checkpoint_kind, "model": dataclasses.asdict(self.config), **(extra or {})}
-        return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype)
+        return save_checkpoint(directory, config, self.state_dict(), train_state=train_state, dtype=dtype,
+                               stored=getattr(self, "stored_dtypes", None))
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu"):
-        """The model saved in `directory`, in fp32, on `device`, in eval mode."""
+        """The model saved in `directory`, in fp32, on `device`, in eval mode; `stored_dtypes` records the dtype
+        of each of its tensors in the file, for `save_pretrained`."""
         config = config_from_dict(cls.config_class, load_config(directory, cls.checkpoint_kind)["model"],
                                   str(Path(directory) / CONFIG_NAME))
         with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights file
@@ -168,4 +214,5 @@ class PretrainedMixin:
             model.load_state_dict(load_weights(directory))
         except RuntimeError as e:
             raise CtfgenError(f"{directory}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
+        model.stored_dtypes = stored_dtypes(directory)
         return model.to(device).eval()

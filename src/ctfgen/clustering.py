@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ctfgen.errors import CtfgenError
-from ctfgen.files import write_atomic
+from ctfgen.files import save_tensors, write_atomic
 from ctfgen.tokenizer.model import codebook_fingerprint
 from ctfgen.validation import MAX_VOCAB
 
@@ -147,7 +146,7 @@ class CoarseMap:
                     "fingerprint": self.fingerprint, "vocab_size": str(self.vocab_size),
                     "cluster_sizes": json.dumps(self.size_stats()), "format": FORMAT}
         tensors = {"coarse_of_fine": self.coarse_of_fine.to(torch.int32).contiguous()}
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_atomic(path, lambda tmp: save_tensors(tensors, tmp, metadata=metadata))
         return path
 
     @classmethod

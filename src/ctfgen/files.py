@@ -1,17 +1,79 @@
 """Writing outputs so that nothing is ever half-written: to a temporary sibling, renamed into place when complete.
-A destination that exists is replaced only when it is ctfgen's own earlier output (or empty), never a user's file."""
+A destination that exists is replaced only when it is ctfgen's own earlier output (or empty), never a user's file.
+A write the system refuses (a full disk, a read-only place, a folder removed meanwhile) ends as one line naming
+the output (`WriteRefused`), with its temporary files gone."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ctfgen.errors import CtfgenError
 from ctfgen.validation import check_destination
+
+REASONS = {
+    errno.ENOSPC: "no space is left on its device; free some space or choose another path",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another path",
+    errno.EROFS: "its file system is read-only; choose another path",
+    errno.EACCES: "permission denied; choose a path you may write to",
+    errno.EPERM: "permission denied; choose a path you may write to",
+    errno.ENOENT: "its folder was removed while it was written; check the path and run again",
+}
+
+
+class WriteRefused(CtfgenError):
+    """The system refused to write an output; `errno` and `strerror` say why, as an OSError's do."""
+
+    def __init__(self, path, error: OSError | WriteRefused):
+        self.errno, self.strerror = error.errno, error.strerror
+        super().__init__(f"cannot write {path}: {REASONS.get(self.errno) or self.strerror or error}")
+
+
+@contextmanager
+def writing(path):
+    """Turn the system's refusal to write `path`, or anything in it, into one line that names `path`."""
+    try:
+        yield
+    except (OSError, WriteRefused) as e:
+        raise WriteRefused(path, e) from None
+
+
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are (it raises its own error type with
+    the errno in the text)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def append_line(path, line: str) -> None:
+    """Add `line` to a log, whole or not at all: a write cut short (a full disk) is cut off again."""
+    data = memoryview((line + "\n").encode())
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -67,29 +129,31 @@ def write_atomic(path: Path, write) -> None:
     regular file (renaming over a symlink or a device would replace it, not write through it)."""
     path = Path(path)
     check_destination(path, directory=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish_mode(tmp, directory=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            _publish_mode(tmp, directory=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_dir_atomic(directory, write, is_ours) -> Path:
     """Call write(tmp_dir) and put the complete directory at `directory` (see replace_dir: in place of an empty
     one or of what `is_ours`), so that a run killed half-way leaves nothing half-written there."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        _publish_mode(tmp, directory=True)
-        replace_dir(tmp, directory, is_ours)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            write(tmp)
+            _publish_mode(tmp, directory=True)
+            replace_dir(tmp, directory, is_ours)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return directory

@@ -21,6 +21,7 @@ refused when the pipeline is built.
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -131,20 +132,31 @@ class CTFPipeline:
             names["coarse_map"] = f"coarse_map_k{self.coarse_map.k}.safetensors"
         return {name: path for name, path in names.items() if getattr(self, name) is not None}
 
-    def save_pretrained(self, directory, dtype: str | None = "bf16", provenance: dict | None = None) -> Path:
-        """Write every part (weights cast to `dtype`; the tokenizer to fp16), then the index, last: a directory
-        whose writing was interrupted has no index and is refused. `provenance` (where each part came from) is
-        kept in the index as is."""
-        directory = Path(directory)
-        paths = self.part_paths()
-        self.tokenizer.save_pretrained(directory / paths["tokenizer"], dtype="fp16" if dtype else None)
-        if self.coarse_map is not None:
-            self.coarse_map.save(directory / paths["coarse_map"])
-        for name in ("stage1", "stage2", "baseline"):
-            if name in paths:
-                getattr(self, name).save_pretrained(directory / paths[name], dtype=dtype)
-        index = {"parts": paths, "class_names": self.class_names} | ({"provenance": provenance} if provenance else {})
-        write_atomic(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    def save_pretrained(self, directory, dtype: str | None = None, provenance: dict | None = None) -> Path:
+        """Write every part, then the index, last (an earlier index goes first): a directory whose writing failed
+        has no index and is refused, and one this call made is removed. The weights are saved as they are (see
+        `PretrainedMixin.save_pretrained`), so loading gives the same pipeline; `dtype` ("fp32", "fp16", "bf16")
+        casts the transformers to it and the tokenizer to fp16 (to fp32 with "fp32"), and a cast that rounds
+        warns. `provenance` (where each part came from) is kept in the index as is."""
+        directory, paths = Path(directory), self.part_paths()
+        made = not directory.exists()
+        try:
+            if (directory / INDEX_NAME).is_file():
+                (directory / INDEX_NAME).unlink()
+            self.tokenizer.save_pretrained(directory / paths["tokenizer"], dtype=dtype and (
+                "fp32" if dtype == "fp32" else "fp16"))
+            if self.coarse_map is not None:
+                self.coarse_map.save(directory / paths["coarse_map"])
+            for name in ("stage1", "stage2", "baseline"):
+                if name in paths:
+                    getattr(self, name).save_pretrained(directory / paths[name], dtype=dtype)
+            index = {"parts": paths, "class_names": self.class_names} | (
+                {"provenance": provenance} if provenance else {})
+            write_atomic(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+        except BaseException:
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         return directory
 
     # -- the request ---------------------------------------------------------------------------

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from ctfgen.cli import bench, data, evaluate, sample, serve, tokenizer, train
+from ctfgen.cli import bench, data, evaluate, fit, sample, serve, tokenizer, train
 from ctfgen.errors import CtfgenError
 from ctfgen.validation import check_options
 
 # In the order `ctfgen --help` lists them: from the tokenizer to the trained pipeline and its evaluation.
-COMMAND_GROUPS = (tokenizer, data, train, sample, bench, serve, evaluate)
+COMMAND_GROUPS = (tokenizer, data, train, fit, sample, bench, serve, evaluate)
 SELF_CHECKING = ("sample", "demo", "bench")  # they validate their request in the sampling API
 
 
@@ -31,7 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI shows it: one line, like its errors (not Python's file, line and source)."""
+    return f"ctfgen: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line
+    try:
+        return _run(argv)
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)

@@ -108,9 +108,9 @@ def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
-    """--dtype of the weights a command writes (export, assemble): small enough to ship, by default."""
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="of the floating-point weights "
-                        "(default %(default)s)")
+    """--dtype of the weights a command writes (export, assemble): as they are stored, unless a cast is asked for."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast the floating-point weights to this, e.g. fp16 "
+                        "to ship (a cast that rounds says so); default: as they are stored, nothing lost")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,15 @@ import json
 import time
 from pathlib import Path
 
-from ctfgen.checkpoint import checkpoint_step, is_checkpoint, load_config, load_weights, save_checkpoint
+from ctfgen.checkpoint import (
+    DTYPE_NAMES,
+    checkpoint_step,
+    is_checkpoint,
+    load_config,
+    load_weights,
+    save_checkpoint,
+    stored_dtypes,
+)
 from ctfgen.cli.common import (
     add_data_flags,
     add_device_flag,
@@ -66,8 +74,8 @@ def register(commands) -> None:
     add_overwrite_flag(redundancy, "an earlier study's redundancy.png and redundancy.json")
     redundancy.set_defaults(func=cmd_redundancy)
 
-    export = commands.add_parser("export", help="copy a checkpoint's weights without training state, cast to "
-                                                "fp16/bf16")
+    export = commands.add_parser("export", help="copy a checkpoint's weights without training state (as they are, "
+                                                "or cast with --dtype)")
     export.add_argument("checkpoint", help="checkpoint directory to read")
     export.add_argument("out", help="checkpoint directory to write")
     add_weights_dtype_flag(export)
@@ -151,8 +159,16 @@ def cmd_export(args) -> None:
     config = load_config(args.checkpoint, kind=None)
     config.pop("train", None)
     config["exported_from"] = {"step": config.pop("step", None), "dtype": args.dtype}
-    save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype)
-    print(f"exported {args.checkpoint} -> {args.out} ({args.dtype})")
+    stored = stored_dtypes(args.checkpoint)
+    save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype, stored=stored)
+    print(f"exported {args.checkpoint} -> {args.out} ({_weights_written(args.dtype, stored.values())})")
+
+
+def _weights_written(dtype: str | None, stored) -> str:
+    """How the weights were written: cast to `dtype`, or as they were stored (in these dtypes)."""
+    if dtype is not None:
+        return f"weights cast to {dtype}"
+    return f"weights as stored: {', '.join(sorted({DTYPE_NAMES[d] for d in stored}))}"
 
 
 def cmd_assemble(args) -> None:
@@ -185,8 +201,11 @@ def cmd_assemble(args) -> None:
         elif source:
             provenance[name] = {"from": str(source)}
     _check_part_paths(pipe, out)
-    pipe.save_pretrained(out, dtype=None if args.dtype == "fp32" else args.dtype, provenance=provenance)
-    print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({args.dtype})")
+    pipe.save_pretrained(out, dtype=args.dtype, provenance=provenance)
+    models = (pipe.tokenizer, pipe.stage1, pipe.stage2, pipe.baseline)
+    stored = [d for m in models if m is not None for d in m.stored_dtypes.values()]
+    print(f"wrote pipeline {args.out}: {', '.join(pipe.part_paths())} ({_weights_written(args.dtype, stored)}"
+          f"{'; the tokenizer to fp16' if args.dtype == 'bf16' else ''})")
 
 
 def _check_part_paths(pipe, out: Path) -> None:
