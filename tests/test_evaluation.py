@@ -16,6 +16,7 @@ from ctfgen.evaluation import evaluate_npz, frechet_distance, gaussian_stats, in
 from ctfgen.evaluation import reference as reference_module
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier, augment
 from ctfgen.evaluation.features import FeatureNetwork
+from ctfgen.evaluation.image_metrics import psnr_per_image, ssim_per_image
 from ctfgen.evaluation.reference import fmnist_uint8
 
 
@@ -117,6 +118,60 @@ def test_precision_recall_uses_a_fixed_subset():
     assert precision_recall(real, fake, max_points=100, seed=5) == first
     full = precision_recall(real, fake, max_points=None)
     assert (full["n_real"], full["n_fake"]) == (300, 250)
+
+
+# --- per-image fidelity: PSNR and SSIM ------------------------------------------------------------
+
+
+def test_psnr_by_hand():
+    """Constant images 10 apart: MSE 100; images that differ by 255 in half their pixels: MSE 255^2 / 2."""
+    a = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
+    b = a.clone()
+    b[0] = 110
+    a[1], b[1, :, :4], b[1, :, 4:] = 0, 255, 0
+    expected = [10 * np.log10(255**2 / 100), 10 * np.log10(2)]
+    np.testing.assert_allclose(psnr_per_image(a, b).double().numpy(), expected, rtol=1e-6)
+
+
+def ssim_by_formula(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SSIM as Wang et al. (2004) define it, written out in numpy float64: at each position where the 11x11 window
+    (Gaussian weights w, sigma 1.5, summing to 1) fits, the weighted means, variances and covariance of the
+    pixels under it, (2 mx my + C1) (2 sxy + C2) / ((mx^2 + my^2 + C1) (sx^2 + sy^2 + C2)) with C1 = (0.01 * 255)^2,
+    C2 = (0.03 * 255)^2; averaged over positions and channels, one value per image of uint8 [B, C, H, W]."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    x = np.lib.stride_tricks.sliding_window_view(a.astype(np.float64), (11, 11), axis=(2, 3))  # [B, C, h, w, 11, 11]
+    y = np.lib.stride_tricks.sliding_window_view(b.astype(np.float64), (11, 11), axis=(2, 3))
+
+    def mean(t):
+        return (t * w).sum((-1, -2))
+
+    mx, my = mean(x), mean(y)
+    dx, dy = x - mx[..., None, None], y - my[..., None, None]
+    ssim = ((2 * mx * my + c1) * (2 * mean(dx * dy) + c2)) / ((mx**2 + my**2 + c1) * (mean(dx**2) + mean(dy**2) + c2))
+    return ssim.mean((1, 2, 3))
+
+
+def test_ssim_by_hand_and_by_its_formula():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    noisier = np.clip(noise + rng.integers(-60, 60, noise.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:32, 0:32]
+    smooth = np.broadcast_to(120 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0), (3, 32, 32))
+    shaded = np.stack([smooth, smooth + 10 * (xx % 3)]).astype(np.uint8)
+    shifted = np.stack([np.roll(smooth, 1, axis=2) * 0.8 + 20, smooth * 1.1]).clip(0, 255).astype(np.uint8)
+    for a, b in ((noise, noisier), (shaded, shifted)):
+        np.testing.assert_allclose(ssim_per_image(torch.from_numpy(a), torch.from_numpy(b)).numpy(),
+                                   ssim_by_formula(a, b), rtol=0, atol=1e-12)
+    # By hand: an image against itself scores 1; constant images 100 and 110 have no variance, so only the mean
+    # term is left, (2 * 100 * 110 + C1) / (100^2 + 110^2 + C1).
+    np.testing.assert_allclose(ssim_per_image(torch.from_numpy(shaded), torch.from_numpy(shaded)).numpy(), 1.0,
+                               rtol=0, atol=1e-12)
+    c1 = (0.01 * 255) ** 2
+    constant = ssim_per_image(torch.full((1, 3, 16, 16), 100, dtype=torch.uint8),
+                              torch.full((1, 3, 16, 16), 110, dtype=torch.uint8))
+    np.testing.assert_allclose(constant.numpy(), (2 * 100 * 110 + c1) / (100**2 + 110**2 + c1), rtol=1e-12)
 
 
 # --- the feature classifier -------------------------------------------------------------------

@@ -16,15 +16,16 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x.pow(2) / (2 * sigma**2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
+    return g[:, None] * g[None, :]
 
 
 def ssim_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region)
-    of uint8 images [B, C, H, W], averaged over channels and positions: one value per image."""
+    of uint8 images [B, C, H, W], averaged over channels and positions: one value per image, in float64 (the
+    variances are differences of blurred squares up to 255^2: float32 would keep ~5 digits of them)."""
     c = a.shape[1]
     window = _gaussian_window().to(a.device).expand(c, 1, 11, 11)
-    x, y = a.float(), b.float()
+    x, y = a.double(), b.double()
 
     def blur(t):
         return F.conv2d(t, window, groups=c)
