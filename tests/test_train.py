@@ -11,6 +11,7 @@ import torch
 
 from ctfgen import cli
 from ctfgen.checkpoint import load_weights
+from ctfgen.training.schedule import learning_rate
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
@@ -123,11 +124,66 @@ def test_ddp_two_processes_match_one(codes, tmp_path):
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-5)
 
 
+def logged(run_dir, key: str) -> torch.Tensor:
+    return torch.tensor([json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+                        dtype=torch.float64)
+
+
 def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
+    """The same weights, and the same logged loss and gradient norm (the norm before clipping: AdamW's update and
+    the clipping would hide gradients scaled by the number of micro-batches)."""
     common = ["--stage", "baseline", "--steps", "2", "--dropout", "0", "--class-dropout", "0"]
     assert cli.main(train_args(codes, tmp_path / "big", *common)) == 0
     assert cli.main(train_args(codes, tmp_path / "acc", *common, "--grad-accum", "4")) == 0
     assert_same_weights(tmp_path / "big/checkpoint", tmp_path / "acc/checkpoint", atol=1e-5)
+    for key in ("loss", "grad_norm"):
+        big, acc = logged(tmp_path / "big", key), logged(tmp_path / "acc", key)
+        assert len(big) == 2
+        torch.testing.assert_close(acc, big, rtol=1e-5, atol=0, msg=lambda detail, key=key: f"{key}: {detail}")
+
+
+@pytest.mark.parametrize("schedule,warmup,total,rates", [
+    # Warm-up: step s of w climbs to (s + 1) / w of the peak; then the peak.
+    ("constant", 4, 10, {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 9: 1.0}),
+    # Cosine from the peak after warm-up to a tenth at step `total`: 0.1 + 0.45 (1 + cos(pi t)), t the share of
+    # the steps after warm-up gone by: t = 1/3 -> 0.775, 1/2 -> 0.55, 2/3 -> 0.325, 1 (and after) -> 0.1.
+    ("cosine", 4, 16, {0: 0.25, 3: 1.0, 4: 1.0, 8: 0.775, 10: 0.55, 12: 0.325, 16: 0.1, 20: 0.1}),
+    ("cosine", 0, 6, {0: 1.0, 2: 0.775, 3: 0.55, 6: 0.1}),
+])
+def test_learning_rate_schedule_by_hand(schedule, warmup, total, rates):
+    for step, rate in rates.items():
+        assert learning_rate(step, 2e-3, warmup, total, schedule) == pytest.approx(2e-3 * rate, rel=1e-12), step
+
+
+def test_ema_follows_its_formula_and_export_writes_it_on_request(codes, tmp_path, capsys):
+    """After each step, ema = decay * ema + (1 - decay) * weights: checked from the EMA kept at step 2, the weights
+    of step 3 and the EMA kept at step 3. `ctfgen export --ema` writes that EMA, plain `export` the weights."""
+    run = tmp_path / "run"
+    args = train_args(codes, run, "--stage", "stage1", "--ema", "0.75")
+    assert cli.main([*args, "--steps", "2"]) == 0
+    ema_2 = torch.load(run / "checkpoint/train_state.pt")["ema"]
+    assert cli.main([*args, "--steps", "3", "--resume"]) == 0
+    ema_3, weights_3 = torch.load(run / "checkpoint/train_state.pt")["ema"], load_weights(run / "checkpoint")
+    assert ema_3.keys() == weights_3.keys()
+    for name, weight in weights_3.items():  # in float64, to the float32 rounding of the EMA kept
+        expected = 0.75 * ema_2[name].double() + 0.25 * weight.double()
+        torch.testing.assert_close(ema_3[name].double(), expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(ema_3[name], weights_3[name]) for name in ema_3)  # the EMA is not the weights
+
+    assert cli.main(["export", str(run / "checkpoint"), str(tmp_path / "ema"), "--ema"]) == 0
+    assert cli.main(["export", str(run / "checkpoint"), str(tmp_path / "raw")]) == 0
+    exported = load_weights(tmp_path / "ema")
+    assert exported.keys() == ema_3.keys() and all(torch.equal(exported[n], ema_3[n]) for n in ema_3)
+    raw = load_weights(tmp_path / "raw")
+    assert all(torch.equal(raw[n], weights_3[n]) for n in weights_3)
+    assert json.loads((tmp_path / "ema/config.json").read_text())["exported_from"]["ema"] == 0.75
+    capsys.readouterr()
+
+    # Where there is no EMA: a run without --ema, or a checkpoint without its training state.
+    assert cli.main(train_args(codes, tmp_path / "plain", "--stage", "stage1", "--steps", "1")) == 0
+    for source in (tmp_path / "plain/checkpoint", tmp_path / "raw"):
+        assert cli.main(["export", str(source), str(tmp_path / "none"), "--ema"]) == 2
+        assert "no EMA" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

@@ -78,6 +78,9 @@ def register(commands) -> None:
                                                 "or cast with --dtype)")
     export.add_argument("checkpoint", help="checkpoint directory to read")
     export.add_argument("out", help="checkpoint directory to write")
+    # dest: `ema` is the decay of `train --ema`, a number (validation.OPTION_RULES)
+    export.add_argument("--ema", dest="ema_weights", action="store_true", help="write the EMA of the weights that "
+                        "a run trained with --ema keeps beside them, instead of the weights")
     add_weights_dtype_flag(export)
     add_overwrite_flag(export, "a checkpoint written by ctfgen")
     export.set_defaults(func=cmd_export)
@@ -157,11 +160,18 @@ def cmd_export(args) -> None:
     check_output(args.out, flag="output directory", what="a ctfgen checkpoint", is_ours=is_checkpoint,
                  overwrite=args.overwrite)
     config = load_config(args.checkpoint, kind=None)
-    config.pop("train", None)
+    train = config.pop("train", None)
     config["exported_from"] = {"step": config.pop("step", None), "dtype": args.dtype}
-    stored = stored_dtypes(args.checkpoint)
-    save_checkpoint(args.out, config, load_weights(args.checkpoint), dtype=args.dtype, stored=stored)
-    print(f"exported {args.checkpoint} -> {args.out} ({_weights_written(args.dtype, stored.values())})")
+    weights, stored = load_weights(args.checkpoint), stored_dtypes(args.checkpoint)
+    if args.ema_weights:
+        from ctfgen.training.state import load_ema_weights
+
+        weights = load_ema_weights(args.checkpoint, weights)
+        stored = {name: value.dtype for name, value in weights.items()}  # the EMA's own (fp32)
+        config["exported_from"]["ema"] = train.get("ema") if isinstance(train, dict) else None
+    save_checkpoint(args.out, config, weights, dtype=args.dtype, stored=stored)
+    print(f"exported {'the EMA weights of ' if args.ema_weights else ''}{args.checkpoint} -> {args.out} "
+          f"({_weights_written(args.dtype, stored.values())})")
 
 
 def _weights_written(dtype: str | None, stored) -> str:

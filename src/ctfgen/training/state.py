@@ -57,6 +57,23 @@ def load_train_state(directory) -> dict:
     return state
 
 
+def load_ema_weights(directory, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exponential moving average of the weights that a run trained with --ema keeps in its training state,
+    checked against the checkpoint's `weights`: the same tensors, shapes and finite values."""
+    if not (Path(directory) / TRAIN_STATE_NAME).is_file():
+        raise CtfgenError(f"{directory} keeps no EMA weights (no {TRAIN_STATE_NAME}: exported weights or a snapshot); "
+                          f"export the checkpoint/ of a run trained with --ema")
+    ema = load_train_state(directory).get("ema")
+    if ema is None:
+        raise CtfgenError(f"{directory} keeps no EMA weights: its run was trained without --ema; export without --ema")
+    if not (isinstance(ema, dict) and ema.keys() == weights.keys()
+            and all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == weights[k].shape
+                    and v.isfinite().all() for k, v in ema.items())):
+        raise CtfgenError(f"{Path(directory) / TRAIN_STATE_NAME}: its EMA weights do not match the checkpoint's "
+                          f"weights (other tensors, shapes, or non-finite values); export without --ema")
+    return ema
+
+
 def check_optimizer_state(optimizer_state: dict, optimizer: torch.optim.Optimizer, directory) -> None:
     """Refuse saved optimizer state that does not fit `optimizer`'s parameters, before it is loaded: a mismatch
     would otherwise surface as a crash at the first step."""
