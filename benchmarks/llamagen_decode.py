@@ -41,14 +41,14 @@ upstream), which work on CPU builds. `decode_n_tokens` enters
 `torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)`
 every step; despite the name its flags are global and CPU dispatch honours them, so LlamaGen's
 decode steps run the MATH attention backend (its prefill runs the default: the CPU flash kernel). That is
-LlamaGen's code as written and is kept and timed. Ours, on the CPU, attends with two batched matmuls over
-the filled part of its cache (`ctfgen.models.blocks.attention_few_queries`) and runs its matmuls on
-oneDNN-packed copies of the weights (`PackedWeights`); the greedy check compares tokens across these
-different kernels. Recent torch versions emit
-a FutureWarning (deprecated API) from it; that warning alone is filtered.
+LlamaGen's code as written and is kept and timed. Ours, on the CPU, decodes in its CPU backend
+(`ctfgen.backends.cpu_decode`, unless CTFGEN_DECODE_BACKEND=eager): attention as two batched matmuls over
+the filled part of its cache, and matmuls on oneDNN-packed copies of the weights; the greedy check compares
+tokens across these different kernels. Recent torch versions emit a FutureWarning (deprecated API) from it;
+that warning alone is filtered.
 
 Compilation: none by default. --compile compiles our one-token decode step
-(`GPT.compile_decode_step`); --compile-llamagen compiles LlamaGen's whole model the way its
+(`ctfgen.backends.decoding.compile_decoding`); --compile-llamagen compiles LlamaGen's whole model the way its
 `autoregressive/sample/sample_c2i.py --compile` does (`torch.compile(model, mode="reduce-overhead",
 fullgraph=True)`). Compilation happens after the greedy check (which runs eager) and its cost falls in
 the untimed warm-up run.
@@ -69,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from ctfgen.backends.decoding import compile_decoding
 from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.bench import interleaved_seconds
 from ctfgen.models.config import GPTConfig, gpt_config
@@ -195,7 +196,7 @@ def main() -> None:
     runs = {"ours": run_ours, "llamagen": run_theirs}
     if args.compile:
         ours_compiled = copy.deepcopy(ours)
-        ours_compiled.compile_decode_step()
+        compile_decoding(ours_compiled)
         runs["ours_compiled"] = lambda: run_ours(ours_compiled)
     if args.compile_llamagen:
         theirs_compiled = torch.compile(theirs, mode="reduce-overhead", fullgraph=True)

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from ctfgen.models import (
     load_llamagen_state_dict,
     refiner_config,
 )
-from ctfgen.models.blocks import RMSNorm, apply_rotary_emb, packed_linear_supported, precompute_freqs_cis_2d
+from ctfgen.models.blocks import RMSNorm, apply_rotary_emb, precompute_freqs_cis_2d
 from ctfgen.models.config import find_multiple
 
 
@@ -258,50 +257,6 @@ def test_cached_decoding_matches_full_forward(prefix_only):
         model.clear_caches()
         with pytest.raises(RuntimeError, match="setup_caches"):
             model.prefill(labels)
-
-
-@pytest.mark.skipif(not packed_linear_supported(torch.float32), reason="no oneDNN in this torch build")
-def test_cached_steps_on_packed_weights_follow_the_weights():
-    """On the CPU, inference steps run their matmuls on oneDNN-packed copies of the weights: they give the logits of
-    the modules' own matmuls, and follow every change of the weights (in place, load_state_dict, a round trip through
-    bf16), in a deep copy of the model too; training mode and autograd use the modules' own."""
-    model = tiny_gpt()
-    idx, labels = torch.randint(0, 37, (3, 4)), torch.tensor([0, 2, 5])
-
-    def steps(model: GPT, packed: bool = True) -> torch.Tensor:
-        saved = model.packed_weights
-        if not packed:
-            model.packed_weights = None  # the modules' own matmuls
-        out = [model.prefill(labels)] + [model.decode_step(idx[:, t], torch.tensor([t + 1]), kv_len=t + 2)
-                                         for t in range(3)]
-        model.packed_weights = saved
-        return torch.stack(out, 1)
-
-    def check(model: GPT) -> torch.Tensor:
-        out = steps(model)
-        torch.testing.assert_close(out, steps(model, packed=False), atol=1e-5, rtol=0)
-        return out
-
-    model.setup_caches(max_batch_size=3)
-    with torch.no_grad():
-        assert model.decode_weights() is not None
-        before = check(model)
-        model.layers[1].feed_forward.w2.weight.mul_(1.5)  # in place
-        assert not torch.allclose(check(model), before)
-        model.load_state_dict(randomize(copy.deepcopy(model), seed=3).state_dict())
-        check(model)
-        model.to(torch.bfloat16).to(torch.float32)  # new tensors, rounded values
-        check(model)
-        twin = copy.deepcopy(model)
-        twin.output.weight.mul_(2)  # the copy's weights are its own, and so are its packed ones
-        check(twin)
-        check(model)
-        model.train()
-        assert model.decode_weights() is None
-        model.eval()
-    assert model.decode_weights() is None  # autograd on
-    model.clear_caches()
-    assert model.packed_weights is None
 
 
 def test_save_and_from_pretrained_fp16(tmp_path):

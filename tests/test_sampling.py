@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctfgen.backends.decoding import DECODE_BACKEND_ENV, DECODE_BACKENDS, compile_decoding, decoding_compiled
 from ctfgen.clustering import cluster_codebook
 from ctfgen.errors import CtfgenError
 from ctfgen.models.config import gpt_config
@@ -240,13 +241,15 @@ def test_batched_within_cluster_sampling_picks_the_tokens_of_the_loop(kwargs):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_eager_tokens():
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_compiled_decode_step_gives_the_eager_tokens(backend, monkeypatch):
+    monkeypatch.setenv(DECODE_BACKEND_ENV, backend)
     model = random_gpt()
     labels = torch.tensor([0, 3, 7, 9])
     greedy = SamplingParams(temperature=0, cfg_scale=2.0)
     eager = generate(model, labels, greedy)
-    model.compile_decode_step()
-    assert model.decode_step_compiled
+    compile_decoding(model)
+    assert decoding_compiled(model)
     compiled = generate(model, labels, greedy)
     assert torch.equal(compiled, eager)
     assert torch.equal(generate(model, labels[:2], greedy), eager[:2])  # another batch size

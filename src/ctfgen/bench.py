@@ -20,11 +20,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ctfgen.backends.decoding import decode_backend
 from ctfgen.backends.precision import resolve_precision
-from ctfgen.models.blocks import packed_linear
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.decode import image_uniforms
 from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
+from ctfgen.validation import POSITIVE
 
 
 def interleaved_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -98,6 +99,7 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
     """images/s for each stage and the whole pipeline, CTF and baseline, at one batch size. The stages are the
     pipeline's own steps, timed on a copy of it (cast to bf16 where `precision` says so; with its decode step
     compiled when `compile` is given or the caller's already is): the caller's models are left as they are."""
+    batch, repeats = POSITIVE.check(batch, "batch"), POSITIVE.check(repeats, "repeats")
     precision = resolve_precision(precision, pipe.device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     compiled = compile or pipe.decoding_compiled
@@ -164,17 +166,18 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
 
 def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) -> dict:
     """Time one mid-sequence cached decode step and turn it into achieved FLOP/s; and the FLOP/s of the step's own
-    matmuls alone (`step_matmuls_seconds`), the step's ceiling."""
+    matmuls alone (`step_matmuls_seconds`), the step's ceiling. The step runs in the sampler's decode backend."""
     rows = 2 * batch if cfg_scale > 1 else batch
     device = next(model.parameters()).device
     model.setup_caches(max_batch_size=rows, dtype=dtype)
-    model.prefill(torch.zeros(rows, dtype=torch.long, device=device))
+    decoder = decode_backend(model)
+    decoder.prefill(torch.zeros(rows, dtype=torch.long, device=device))
     position = model.config.block_size // 2
     token = torch.zeros(rows, dtype=torch.long, device=device)
     input_pos = torch.tensor([position], device=device)
-    seconds = median_seconds(lambda: model.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
+    seconds = median_seconds(lambda: decoder.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
     flops = decode_step_flops(model, rows, kv_len=position + 1)
-    matmul_seconds = step_matmuls_seconds(model, rows, dtype)
+    matmul_seconds = step_matmuls_seconds(decoder, rows, dtype)
     model.clear_caches()
     matmul_flops = rows * 2 * matmul_weights(model)
     return {"decode_step_ms": seconds * 1e3, "decode_step_flops": flops / seconds,
@@ -182,20 +185,11 @@ def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) 
             "decode_step_shape_peak_flops": matmul_flops / matmul_seconds}
 
 
-def step_matmuls_seconds(model, rows: int, dtype: torch.dtype) -> float:
-    """Seconds of the matmuls of one decode step of `rows` rows alone, as the step runs them (on pre-packed weights
-    where it does, else F.linear), one after the other in the step's order, on inputs that stay in cache."""
-    packed = model.decode_weights()
-    device = next(model.parameters()).device
-    if packed is not None:
-        weights = [w for layer in packed.layers for w in layer] + [packed.output]
-        def matmul(x, w):
-            return packed_linear(x, w)
-    else:
-        weights = [w for layer in model.layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight,
-                   layer.feed_forward.w1.weight, layer.feed_forward.w3.weight, layer.feed_forward.w2.weight)]
-        weights.append(model.output.weight)
-        matmul = torch.nn.functional.linear
+def step_matmuls_seconds(decoder, rows: int, dtype: torch.dtype) -> float:
+    """Seconds of the matmuls of one decode step of `rows` rows alone, as the decoder's step runs them (on pre-packed
+    weights, or F.linear), one after the other in the step's order, on inputs that stay in cache."""
+    matmul, weights = decoder.step_matmuls(rows)
+    device = decoder.model.output.weight.device
     inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1], dtype=dtype, device=device) for w in weights}
 
     def step():

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ctfgen.backends.decoding import compile_decoding, decoding_compiled
 from ctfgen.clustering import CoarseMap
 from ctfgen.data.datasets import to_model_range, to_uint8
 from ctfgen.errors import CtfgenError
@@ -350,16 +351,16 @@ class CTFPipeline:
         return means.to(coarse.device, self.tokenizer.post_quant_conv.weight.dtype)[coarse].permute(0, 3, 1, 2)
 
     def compile_decoding(self) -> CTFPipeline:
-        """torch.compile the one-token decode step of stage 1 and the baseline (`GPT.compile_decode_step`).
+        """torch.compile the one-token decode step of stage 1 and the baseline (`ctfgen.backends.decoding`).
         The first batch pays the compile time, so it pays off over many batches, not for one demo grid."""
         for model in (self.stage1, self.baseline):
             if model is not None:
-                model.compile_decode_step()
+                compile_decoding(model)
         return self
 
     @property
     def decoding_compiled(self) -> bool:
-        return any(m.decode_step_compiled for m in (self.stage1, self.baseline) if m is not None)
+        return any(decoding_compiled(m) for m in (self.stage1, self.baseline) if m is not None)
 
     def copy(self, dtype: torch.dtype | None = None) -> CTFPipeline:
         """A pipeline over new copies of the transformers (cast to `dtype`, eager, in eval mode), sharing the

@@ -1,15 +1,12 @@
 """The transformer's parts, shared by the GPT and the stage-2 refiner (LlamaGen's, with its parameter names):
-2-D RoPE, the class embedder, RMSNorm, SwiGLU, attention with a static KV cache, stochastic depth, blocks,
-and the CPU decode path's matmuls on pre-packed weights.
+2-D RoPE, the class embedder, RMSNorm, SwiGLU, attention with a static KV cache, stochastic depth, blocks.
+Pure PyTorch: the speed paths of decoding live beside the models, in `ctfgen.backends`.
 
 Sequence layout: [class token] + image tokens in raster order; position 0 is the class token, image token t
 sits at position t + 1. Quirks kept on purpose for LlamaGen compatibility are marked "LlamaGen:".
 """
 
 from __future__ import annotations
-
-import copy
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -152,11 +149,14 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, dim]. Without input_pos: self-attention over x (causal or not). With input_pos [S]
         and a bool mask [1, 1, S, L]: write k/v into the KV cache and attend to its first L positions."""
-        if input_pos is not None:
-            return self.resid_dropout(self.wo(self.attend_cached(self.wqkv(x), freqs_cis, input_pos, mask)))
         q, k, v = self.heads(self.wqkv(x), freqs_cis)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if input_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout_p)
+        else:
+            keys, values = self.kv_cache.update(input_pos, k, v)
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, dropout_p=dropout_p)
         return self.resid_dropout(self.wo(y.to(x.dtype).transpose(1, 2).reshape(x.shape)))
 
     def heads(self, qkv: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,38 +165,6 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, 3, self.n_head, self.head_dim)
         qk = apply_rotary_emb(qkv[:, :, :2].flatten(2, 3), freqs_cis).transpose(1, 2)  # [B, 2H, S, D]
         return qk[:, : self.n_head], qk[:, self.n_head:], qkv[:, :, 2].transpose(1, 2)
-
-    def attend_cached(self, qkv: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-        """The attention of the positions input_pos [S] (projections qkv [B, S, 3 * dim]) over the cache: their k/v
-        written in place, then attended to the first L cache positions under the bool mask [1, 1, S, L]. Returns
-        the heads' outputs [B, S, dim], before the output projection."""
-        b, s, _ = qkv.shape
-        q, k, v = self.heads(qkv, freqs_cis)
-        keys, values = self.kv_cache.update(input_pos, k, v)
-        keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
-        dropout_p = self.attn_dropout_p if self.training else 0.0
-        if q.device.type == "cpu" and dropout_p == 0.0:
-            y = attention_few_queries(q.to(keys.dtype), keys, values, mask)
-        else:
-            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, dropout_p=dropout_p)
-        return y.to(qkv.dtype).transpose(1, 2).reshape(b, s, self.dim)
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def attention_few_queries(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q keys^T / sqrt(D), masked) values for the few queries of a cached step, on the CPU: q [B, H, S, D],
-    keys / values [B, H, L, D], bool mask [1, 1, S, L] -> [B, H, S, D] in fp32 (fp64 for fp64 inputs): scores,
-    softmax and sums in fp32 at least, as in SDPA's fused kernels. SDPA's CPU flash kernel is built for blocks of many
-    queries; with one query a row it takes 1.1x (fp32) to 1.8x (bf16) the time of these two batched matmuls (batch
-    128, 4 heads, 33 keys). torch.compile fuses them into one pass over the keys and one over the values."""
-    scores = torch.matmul(at_least_fp32(q), at_least_fp32(keys).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    probs = scores.masked_fill(mask.logical_not(), float("-inf")).softmax(-1)
-    return torch.matmul(probs, at_least_fp32(values))
 
 
 class DropPath(nn.Module):
@@ -229,105 +197,3 @@ class TransformerBlock(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, input_pos, mask))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
-
-    def forward_packed(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                       w: BlockWeights) -> torch.Tensor:
-        """forward() of a cached step in inference (eval mode, no autograd) with this block's weights pre-packed
-        (`PackedWeights`): the same function, with the residual adds and SwiGLU's activation and product done
-        inside the matmuls."""
-        y = self.attention.attend_cached(packed_linear(self.attention_norm(x), w.wqkv), freqs_cis, input_pos, mask)
-        h = packed_linear(y, w.wo, x, "add")  # x + wo(y)
-        normed = self.ffn_norm(h)
-        gated = packed_linear(normed, w.w3, packed_linear(normed, w.w1, post_op="silu"), "mul")  # silu(w1 n) * w3 n
-        return packed_linear(gated, w.w2, h, "add")  # h + w2(gated)
-
-
-# ---------------------------------------------------------------------------------------------
-# Matmuls of CPU decoding on pre-packed weights
-# ---------------------------------------------------------------------------------------------
-# A decode step multiplies ~128 rows by every weight matrix. At such shapes MKL's sgemm (behind F.linear) reaches
-# about half of this CPU's fp32 peak (105 GFLOP/s for 128 x 256 x 768 on an AVX-512 EPYC, 2 threads), while oneDNN
-# on weights reordered once into its blocked layout reaches 210 (fp32) and 390 (bf16, against 295 for F.linear).
-# oneDNN also applies an activation, or an add / product with another tensor, to the tile it has just computed,
-# which saves the separate elementwise kernels of the residual adds and SwiGLU.
-
-def packed_linear_supported(dtype: torch.dtype) -> bool:
-    """Whether `PackedWeights` serves weights of this dtype here: fp32, and bf16 where the CPU runs it natively."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None, post_op: str) -> torch.Tensor:
-    if other is None:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "swish" if post_op == "silu" else "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, post_op)
-
-
-# The same as an operator that torch.compile keeps opaque (inductor has no lowering for a packed weight that it did not
-# pack itself). Defined through torch.library.Library rather than @custom_op: ~3 us of dispatch a call instead of ~15.
-if not hasattr(torch.ops.ctfgen, "packed_linear"):  # once per process
-    _LIBRARY = torch.library.Library("ctfgen", "FRAGMENT")
-    _LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? other, str post_op) -> Tensor")
-    _LIBRARY.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
-    torch.library.register_fake("ctfgen::packed_linear", lambda x, weight, other, post_op:
-                                x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_LIBRARY)
-
-
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None = None,
-                  post_op: str = "none") -> torch.Tensor:
-    """F.linear(x, W) (no bias) for W pre-packed by `PackedWeights`, then post_op: "none", "silu"; with other (the
-    output's shape): "add" (+ other) or "mul" (* other). Inference only (no autograd)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.ctfgen.packed_linear(x, weight, other, post_op)
-    return _packed_linear(x, weight, other, post_op)  # eager: without the operator's dispatch
-
-
-class BlockWeights(NamedTuple):
-    """A block's matmul weights, pre-packed."""
-    wqkv: torch.Tensor
-    wo: torch.Tensor
-    w1: torch.Tensor
-    w3: torch.Tensor
-    w2: torch.Tensor
-
-
-class DecodeWeights(NamedTuple):
-    """A transformer's pre-packed matmul weights: one BlockWeights per layer, and the output head."""
-    layers: list[BlockWeights]
-    output: torch.Tensor
-
-
-class PackedWeights:
-    """Copies of a transformer's Linear weights in oneDNN's blocked layout, for the matmuls of CPU decoding (see
-    above); `rows`, the rows of a step, is oneDNN's hint for the layout. `get()` packs on first use and again
-    whenever a weight has changed since (in place: an optimizer step, load_state_dict; or replaced: a cast, .to()):
-    packed copies never go stale. They cost one more copy of the weights, held only while the KV caches are."""
-
-    def __init__(self, layers: nn.ModuleList, output: nn.Linear, rows: int):
-        self.linears = [m for layer in layers for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w1,
-                                                        layer.feed_forward.w3, layer.feed_forward.w2)] + [output]
-        self.rows = rows
-        self.key, self.sources, self.packed = None, None, None
-
-    def get(self) -> DecodeWeights | None:
-        """The packed weights, or None where they cannot serve (a dtype oneDNN does not run fast here)."""
-        weights = [m.weight for m in self.linears]
-        key = [(w.data_ptr(), w._version, w.dtype) for w in weights]
-        if key != self.key:
-            if not packed_linear_supported(weights[0].dtype) or weights[0].device.type != "cpu":
-                return None
-            # The sources stay referenced, so no new weight can be allocated at one of their addresses: an equal
-            # data_ptr and version then means the very same, unchanged, tensor.
-            self.sources = [w.detach() for w in weights]
-            packed = [torch.ops.mkldnn._reorder_linear_weight(w, self.rows) for w in self.sources]
-            self.packed = DecodeWeights([BlockWeights(*packed[i:i + 5]) for i in range(0, len(packed) - 1, 5)],
-                                        packed[-1])
-            self.key = key
-        return self.packed
-
-    def __deepcopy__(self, memo):  # oneDNN's tensors cannot be copied: the copy packs its own on first use
-        twin = copy.copy(self)
-        twin.linears = copy.deepcopy(self.linears, memo)
-        twin.key, twin.sources, twin.packed = None, None, None
-        return twin

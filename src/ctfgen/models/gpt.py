@@ -21,14 +21,11 @@ import torch.nn.functional as F
 from ctfgen.checkpoint import PretrainedMixin
 from ctfgen.models.blocks import (
     CLS_TOKEN_NUM,
-    DecodeWeights,
     KVCache,
     LabelEmbedder,
-    PackedWeights,
     RMSNorm,
     Rotary2D,
     TransformerBlock,
-    packed_linear,
 )
 from ctfgen.models.config import GPTConfig, find_multiple
 
@@ -124,7 +121,6 @@ class GPT(ClassConditionalTransformer):
     def __init__(self, config: GPTConfig):
         super().__init__(config, config.vocab_size, causal=True)
         self.register_buffer("causal_mask", None, persistent=False)  # set by setup_caches
-        self.packed_weights: PackedWeights | None = None  # set by setup_caches on the CPU
 
     # -- training / teacher-forced scoring ----------------------------------------------------
 
@@ -138,15 +134,13 @@ class GPT(ClassConditionalTransformer):
         self.check_length(idx.shape[1])
         return self.logits_and_loss(self.norm(self.hidden_states(labels, idx[:, :-1])), targets)
 
-    # -- KV-cached decoding (gpt-fast style) ----------------------------------------------------
+    # -- KV-cached decoding (gpt-fast style); the sampler runs it through `ctfgen.backends.decoding` -------------
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
                      device=None) -> None:
         """Preallocate a static KV cache per layer and the causal mask. max_seq_len counts the class
         token (default 1 + block_size, rounded up to a multiple of 8); dtype/device default to the
-        weights'. Call again to resize; batches up to max_batch_size can then be decoded. On the CPU, inference
-        steps (eval mode, no autograd) also run their matmuls on pre-packed copies of the weights, made on first
-        use and kept up to date with the weights (`PackedWeights`)."""
+        weights'. Call again to resize; batches up to max_batch_size can then be decoded."""
         weight = self.tok_embeddings.weight
         dtype, device = dtype or weight.dtype, torch.device(device or weight.device)
         max_seq_len = find_multiple(max_seq_len or CLS_TOKEN_NUM + self.config.block_size, 8)
@@ -158,21 +152,11 @@ class GPT(ClassConditionalTransformer):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_head,
                                                self.config.head_dim, dtype, device)
         self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
-        self.packed_weights = PackedWeights(self.layers, self.output, max_batch_size) if device.type == "cpu" else None
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.causal_mask = None
-        self.packed_weights = None
-
-    def decode_weights(self) -> DecodeWeights | None:
-        """The pre-packed weights for a cached step now, or None (the modules' own matmuls): in training mode, with
-        autograd on, off the CPU, or for a dtype that oneDNN does not run fast here (fp64, fp16, bf16 without
-        native support). Checks the weights in Python: called outside the compiled step."""
-        if self.packed_weights is None or self.training or torch.is_grad_enabled():
-            return None
-        return self.packed_weights.get()
 
     def forward_cached(self, input_pos: torch.Tensor, labels: torch.Tensor | None = None,
                        idx: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
@@ -184,22 +168,19 @@ class GPT(ClassConditionalTransformer):
         input_pos[-1] + 1); None attends to the whole cache, masked, so that every step has the same
         shapes (CUDA graphs). Returns fp32 logits [B, S, vocab]; the last row predicts the next image token.
         """
-        return self._forward_cached(input_pos, labels, idx, kv_len, self.decode_weights())
+        h = self.embed(labels, idx)
+        freqs_cis, mask = self.cached_positions(input_pos, kv_len)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, input_pos, mask)
+        return self.output(self.norm(h)).float()
 
-    def _forward_cached(self, input_pos: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor | None,
-                        kv_len: int | None, packed: DecodeWeights | None) -> torch.Tensor:
+    def cached_positions(self, input_pos: torch.Tensor, kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE rows [S, head_dim // 2, 2] of the positions input_pos [S], and their bool mask [1, 1, S, kv_len]
+        over the cache (kv_len None: the whole cache)."""
         if self.causal_mask is None:
             raise RuntimeError("call setup_caches() before cached decoding")
-        h = self.embed(labels, idx)
-        mask = self.causal_mask[input_pos, : kv_len or self.causal_mask.shape[-1]][None, None]  # [1, 1, S, kv_len]
-        freqs_cis = self.rope.freqs_cis[input_pos]
-        if packed is None:
-            for layer in self.layers:
-                h = layer(h, freqs_cis, input_pos, mask)
-            return self.output(self.norm(h)).float()
-        for layer, weights in zip(self.layers, packed.layers):
-            h = layer.forward_packed(h, freqs_cis, input_pos, mask, weights)
-        return packed_linear(self.norm(h), packed.output).float()
+        mask = self.causal_mask[input_pos, : kv_len or self.causal_mask.shape[-1]][None, None]
+        return self.rope.freqs_cis[input_pos], mask
 
     def prefill(self, labels: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Start decoding: the class token (and an optional prefix of image tokens idx [B, P]) into the
@@ -212,23 +193,4 @@ class GPT(ClassConditionalTransformer):
         """One decoding step: image token t (token [B] or [B, 1]) at sequence position input_pos =
         tensor([t + 1]), attending to the first kv_len = t + 2 cache positions (None: the whole cache,
         masked). Returns logits [B, vocab] for image token t + 1."""
-        return self._decode_step(token.view(token.shape[0], 1), input_pos, kv_len, self.decode_weights())
-
-    def _decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None,
-                     packed: DecodeWeights | None) -> torch.Tensor:
-        return self._forward_cached(input_pos, None, token, kv_len, packed)[:, -1]
-
-    def compile_decode_step(self) -> None:
-        """torch.compile the decode step (fullgraph; kv_len becomes a dynamic size after its second value). On CUDA
-        the step is captured as a CUDA graph ("reduce-overhead", as gpt-fast): every step has the same shapes there
-        (kv_len None), and one launch replaces hundreds of small kernels. The first decode pays the compile time
-        (~20 s for GPT-S on a CPU). Idempotent."""
-        if not self.decode_step_compiled:
-            cuda = self.tok_embeddings.weight.device.type == "cuda"
-            self._decode_step = torch.compile(self._decode_step, fullgraph=True,
-                                              mode="reduce-overhead" if cuda else None)
-
-    @property
-    def decode_step_compiled(self) -> bool:
-        return "_decode_step" in vars(self)  # the compiled step shadows the method on the instance
-
+        return self.forward_cached(input_pos, idx=token.view(token.shape[0], 1), kv_len=kv_len)[:, -1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ctfgen.backends.decoding import decode_backend
 from ctfgen.errors import CtfgenError
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
@@ -123,7 +124,8 @@ def fresh_uniforms(shape, device) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = SamplingParams(), *,
              uniforms: torch.Tensor | None = None, callback=None, callback_steps: int = 1) -> torch.Tensor:
-    """Sample block_size tokens per label with a static KV cache. Returns LongTensor [B, T].
+    """Sample block_size tokens per label with a static KV cache, in the decode backend chosen for the model
+    (`ctfgen.backends.decoding`). Returns LongTensor [B, T].
 
     uniforms [B, T]: token t of row b is picked by uniforms[b, t] (None: fresh ones). `callback(step,
     tokens)`, when given, runs after every `callback_steps` tokens and after the last, with the tokens
@@ -133,6 +135,7 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
     use_cfg = params.guided
     rows = 2 * b if use_cfg else b
     model.setup_caches(max_batch_size=rows, device=labels.device)
+    decoder = decode_backend(model)
     tokens = torch.empty(b, n_tokens, dtype=torch.long, device=labels.device)
 
     def pick(logits: torch.Tensor, t: int) -> None:
@@ -143,16 +146,11 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
             callback(t + 1, tokens[:, :t + 1])
 
     cond = with_null_class(labels, model.config.null_class) if use_cfg else labels
-    pick(model.prefill(cond), 0)
+    pick(decoder.prefill(cond), 0)
     input_pos = torch.ones(1, dtype=torch.long, device=labels.device)
-    # On the CPU each step attends to the filled part of the cache only (the compiled step becomes ~12% faster
-    # at batch 64 with CFG); on GPUs to the whole masked cache, so that every shape is fixed (CUDA graphs).
-    prefix_only = labels.device.type == "cpu"
     for t in range(1, n_tokens):
         previous = tokens[:, t - 1]
-        logits = model.decode_step(previous.repeat(2) if use_cfg else previous, input_pos,
-                                   kv_len=t + 1 if prefix_only else None)
-        pick(logits, t)
+        pick(decoder.decode_step(previous.repeat(2) if use_cfg else previous, input_pos, kv_len=t + 1), t)
         input_pos += 1
     return tokens
 
