@@ -2,8 +2,8 @@
 small refiner, at batch 1, 16 and 64, and the time to the first preview and to the final image at batch 1.
 
     python benchmarks/frontier.py --points benchmarks/frontier_points.json \
-        --json docs/frontier.json --plot docs/frontier.png
-    python benchmarks/frontier.py --plot-only --json docs/frontier.json --plot docs/frontier.png   # redraw
+        --json docs/results/frontier.json --plot docs/frontier.png
+    python benchmarks/frontier.py --plot-only --json docs/results/frontier.json --plot docs/frontier.png   # redraw
 
 `--points` names each point's parts (checkpoint directories; the tokenizer, coarse map and class names come from
 `pipeline`) and the line it belongs to. Speed: every point at every batch size, timed interleaved (repeat r runs

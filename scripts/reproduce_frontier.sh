@@ -25,4 +25,4 @@ train stage2_s --stage stage2 --model GPT-S --map $MAP &                 # the f
 wait
 # On a quiet machine (the timing is interleaved, but other jobs still slow it): FIDs of 10,000 samples, speed.
 $PYTHON benchmarks/frontier.py --points benchmarks/frontier_points.json --cache "$RUNS/frontier/fid" \
-  --json docs/frontier.json --plot docs/frontier.png
+  --json docs/results/frontier.json --plot docs/frontier.png
