@@ -306,6 +306,8 @@ CASES = {
                                             "name the same path"),
     "sample --grid inside --out": (lambda a, w: sample("--out", w / "pngs", "--grid", w / "pngs/grid.png"),
                                    "inside the --out directory"),
+    "sample --seed beyond 32 bits": (lambda a, w: sample("--seed", str(2**70), "--grid", w / "g.png"),
+                                     "seed must be between 0 and 4294967295, got 1180591620717411303424"),
     "demo over a user's demo.png": (lambda a, w: demo_over(photo(w / "demo.png")), "is not a PNG written by ctfgen"),
     "demo over an earlier demo.png": (lambda a, w: demo_over(ctfgen_png(w / "demo.png")), "pass --overwrite"),
     "reroll --grid over a user PNG": (lambda a, w: reroll(w, "--grid", photo(w / "g.png"), "--overwrite"),

@@ -126,12 +126,13 @@ def test_batch_size_does_not_change_the_images_for_a_seed(pipe):
     ([1], {"output_type": "jpg"}, "output_type"), ([1], {"mode": "fast"}, "unknown mode"),
     ([1], {"sampling": {"temperature": 1.0}}, "sampling must be a SamplingParams"),
     ([1], {"sampling": SamplingParams(top_k=9)}, "top_k must be between 0 .* 8"),
-    ([1], {"stage2_sampling": SamplingParams(top_k=65)}, "stage2_sampling: top_k"),
+    ([1], {"stage2_sampling": SamplingParams(top_k=65)}, "stage 2: top_k"),
     ([1], {"stage2_sampling": SamplingParams(cfg_interval=3)}, "cfg_interval is for stage 1"),
     ([1], {"mode": "baseline", "preview": True}, "preview"), ([1], {"callback_steps": 0}, "callback_steps"),
     ([1], {"callback": 3}, "callback must be callable"), ([1], {"seed": -1}, "seed"), ([1], {"seed": 0.5}, "seed"),
     ([1, 2], {"seed": [(0, 0)]}, "one \\(seed, index\\) pair per image"), ([1], {"seed": [5]}, "pair"),
-    ([1], {"seed": [(0, -1)]}, "image index must be at least 0"),
+    ([1], {"seed": [(0, -1)]}, "image index must be between 0 and 4294967295"),
+    ([1], {"seed": 2**32}, "seed must be between 0 and 4294967295"), ([1], {"seed": [(2**70, 0)]}, "seed must be"),
 ])
 def test_bad_requests_are_refused(pipe, classes, kwargs, message):
     with pytest.raises(CtfgenError, match=message):

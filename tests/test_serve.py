@@ -24,9 +24,10 @@ from ctfgen.data.datasets import FMNIST_CLASSES
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import SamplingParams
+from ctfgen.sampling.request import SamplingRequest
 from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
 from ctfgen.serve.actions import Demo, Limits
-from ctfgen.serve.batcher import Batcher, Request
+from ctfgen.serve.batcher import Batcher
 from ctfgen.serve.views import grid_image, progress_pixels
 from test_pipeline import make_parts
 
@@ -60,7 +61,7 @@ def form(classes=("Sneaker",), one_of_each=False, per_class=2, seed=3, mode="CTF
 
 
 def request(classes, seed, mode="ctf"):
-    return Request(tuple(classes), seed, mode, STAGE1, STAGE2)
+    return SamplingRequest(tuple(classes), mode=mode, sampling=STAGE1, stage2_sampling=STAGE2, seed=seed)
 
 
 def grids(out):
@@ -157,60 +158,6 @@ def test_a_failing_preview_fails_the_call_not_the_server(pipe):
         batcher.close()
 
 
-def test_without_a_preview_each_request_gets_its_rows_of_the_tokens_so_far(pipe):
-    """With no picture to draw, the batcher still streams to each request the tokens so far of its own images (the
-    coarse labels, or the baseline's tokens), every `progress_every` tokens and after the last, without pixels."""
-    for mode in ("ctf", "baseline"):
-        batcher = Batcher(pipe, max_batch=16, progress_every=20)
-        try:
-            with batcher.pipeline():
-                jobs = [batcher.submit(request(classes, seed, mode)) for classes, seed in (([0, 3], 4), ([7], 9))]
-            updates = [list(job.updates(timeout=120)) for job in jobs]
-        finally:
-            batcher.close()
-        assert batcher.calls == 1
-        for (*progress, out) in updates:
-            grid = (out.coarse if mode == "ctf" else out.tokens).flatten(1)
-            steps = [update.step for update in progress]
-            assert steps and set(steps) <= {20, 40, 60, 64} and steps == sorted(steps) and steps[-1] == 64
-            for update in progress:  # a slow reader may skip to the newest, never to another request's rows
-                assert update.pixels is None and torch.equal(update.tokens, grid[:, :update.step])
-
-
-def test_close_answers_the_waiting_requests_and_refuses_new_ones(pipe):
-    """Closing lets the call that runs finish; the requests still waiting hear at once that the server is shutting
-    down, and so does any request sent after."""
-    batcher = Batcher(pipe, max_batch=1)
-    closing = threading.Thread(target=batcher.close)
-    with batcher.pipeline():  # the worker takes the first request, then waits for the pipeline
-        first = batcher.submit(request([0], 0))
-        for _ in range(200):
-            if batcher.waiting == 0:
-                break
-            threading.Event().wait(0.05)
-        waiting = [batcher.submit(request([c], 0)) for c in (1, 2)]
-        closing.start()
-        for job in waiting:
-            with pytest.raises(CtfgenError, match="the server is shutting down"):
-                job.result(timeout=10)
-        with pytest.raises(CtfgenError, match="the server is shutting down"):
-            batcher.submit(request([3], 0))
-    closing.join(timeout=120)
-    assert not closing.is_alive() and batcher.calls == 1
-    assert first.result(timeout=10).labels.tolist() == [0]
-
-
-def test_a_request_larger_than_a_call_is_refused_and_the_server_serves_on(pipe):
-    batcher = Batcher(pipe, max_batch=4)
-    try:
-        with pytest.raises(CtfgenError, match="5 images in one request; at most 4"):
-            batcher.submit(request([0, 1, 2, 3, 4], 0))
-        assert batcher.waiting == 0
-        assert batcher.submit(request([0, 1, 2, 3], 0)).result(timeout=120).labels.tolist() == [0, 1, 2, 3]
-    finally:
-        batcher.close()
-
-
 def test_progress_streams_the_coarse_tokens_then_the_images(pipe, demo):
     frames = [(f.status, f.images["ctf"].copy()) for f in demo.generate(*form())]
     expected = pipe(["Sneaker"], per_class=2, seed=3, output_type="pt")
@@ -229,12 +176,12 @@ def test_progress_streams_the_coarse_tokens_then_the_images(pipe, demo):
     (dict(classes=()), "pick at least one class"),
     (dict(classes=("Sneakers",)), "neither a class id"),
     (dict(per_class=None), "give a value for images of each class"),
-    (dict(seed=-1), "seed must be at least 0"),
+    (dict(seed=-1), "seed must be between 0 and 4294967295"),
     (dict(seed=1.5), "seed must be a whole number"),
     (dict(temperature=-1.0), "stage 1: temperature must be >= 0"),
     (dict(top_k=9), "top_k must be between 0 .* 8"),
     (dict(mode="Baseline", top_k=65), "baseline: top_k must be between 0 .* 64"),
-    (dict(stage2_top_k=65), "stage2_sampling: top_k"),
+    (dict(stage2_top_k=65), "stage 2: top_k"),
     (dict(mode="Fast"), "choose one of CTF, Baseline, Both"),
 ])
 def test_bad_forms_are_refused_with_a_message(demo, changes, message):

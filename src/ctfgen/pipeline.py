@@ -1,9 +1,9 @@
 """CTFPipeline: a sampling request in, images and their class labels out, like a diffusers pipeline.
 
-Calling the pipeline is the one way to sample; the CLI, bench and evaluation all go through it. A
-request is checked whole before anything runs, then sampled in batches under one seeding rule (see
-`sampling.py`): image i of a request draws its random numbers from a generator of its own, seeded from
-(seed, i), so the batch size and the rest of the request do not change it.
+Calling the pipeline (or its `sample` with a `SamplingRequest`) is the one way to sample; the CLI, the web page,
+bench and evaluation all go through it. A request is checked whole before anything runs, then sampled in batches
+(`sampling/batched.py`) under one seeding rule: image i of a request draws its random numbers from a generator of
+its own, seeded from (seed, i), so the batch size and the rest of the request do not change it.
 
 A pipeline directory holds the parts, each a checkpoint directory of its own, and an index
 (`pipeline.json`, like diffusers' model_index.json) naming where each part lies:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import contextmanager
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,24 +36,22 @@ from ctfgen.errors import CtfgenError
 from ctfgen.files import write_atomic
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
-from ctfgen.sampling.decode import generate, image_seeds, refine, seeded_uniforms
+from ctfgen.sampling.batched import sample_request, sample_variations
+from ctfgen.sampling.decode import generate, image_seeds, refine, request_seed
 from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
 from ctfgen.sampling.request import (
     PipelineOutput,
-    as_output_type,
-    check_batching,
-    check_callback,
+    RunOptions,
+    SamplingRequest,
     check_coarse,
-    check_sampling,
     check_stage2,
+    check_top_k,
     class_ids,
-    labels_as,
 )
 from ctfgen.tokenizer.model import VQModel
 
 INDEX_NAME = "pipeline.json"
 PARTS = ("tokenizer", "coarse_map", "stage1", "stage2", "baseline")
-MODES = ("ctf", "baseline")
 
 
 class CTFPipeline:
@@ -96,6 +94,11 @@ class CTFPipeline:
     @property
     def grid(self) -> int:
         return (self.stage1 or self.baseline).config.grid_size
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images, in pixels (the tokenizer's grid of tokens, upsampled)."""
+        return self.grid * self.tokenizer.config.downsample
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -170,38 +173,6 @@ class CTFPipeline:
         """Class ids from one class or a sequence of them, each an id or a name from `class_names`."""
         return class_ids(classes, self.class_names)
 
-    def check_settings(self, mode: str = "ctf", sampling: SamplingParams = STAGE1_DEFAULTS,
-                       stage2_sampling: SamplingParams = STAGE2_DEFAULTS, preview: bool = False) -> None:
-        """Refuse (CtfgenError) the settings of a call that this pipeline cannot sample with, as the call itself
-        does before anything runs: for callers that share one request out (torchrun) and must agree up front."""
-        self._check_mode(mode, preview)
-        model = self.stage1 if mode == "ctf" else self.baseline
-        check_sampling(sampling, "sampling", model.config.vocab_size)
-        if mode == "ctf":
-            check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
-
-    def _check_mode(self, mode: str, preview: bool) -> None:
-        if mode not in MODES:
-            raise CtfgenError(f"unknown mode {mode!r}; use 'ctf' or 'baseline'")
-        if mode == "baseline" and self.baseline is None:
-            raise CtfgenError("this pipeline has no baseline model; use mode='ctf'")
-        if mode == "ctf" and self.stage1 is None:
-            raise CtfgenError("this pipeline has no CTF stages; use mode='baseline'")
-        if preview and mode != "ctf":
-            raise CtfgenError("preview needs the CTF stages (mode='ctf')")
-
-    def _batches(self, labels: torch.Tensor, batch_size: int, seeds: list[tuple[int, int]], progress: bool,
-                 desc: str):
-        """(first image, labels [b], uniforms [b, 2, T]) for each batch of a request, on the pipeline's device;
-        image i's numbers from its (seed, index) pair seeds[i]."""
-        from tqdm import tqdm
-
-        device = self.device
-        starts = range(0, len(labels), batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
-            batch = labels[start:start + batch_size]
-            yield start, batch.to(device), seeded_uniforms(seeds[start:start + len(batch)], self.grid ** 2).to(device)
-
     @contextmanager
     def _inference(self):
         """Eval mode (no class dropout, no dropout) while a request runs; each module's own mode after."""
@@ -224,13 +195,14 @@ class CTFPipeline:
                  seed: int | torch.Generator | None = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                  output_type: str = "pil", preview: bool = False, callback=None, callback_steps: int = 1,
                  progress: bool = False) -> PipelineOutput:
-        """Images of the given classes (ids or names; `per_class` images of each, class after class).
+        """Images of the given classes (ids or names; `per_class` images of each, class after class): the
+        `SamplingRequest` of these arguments, sampled by `sample`.
 
         mode: "ctf" (stage 1, stage 2, decode) or "baseline" (the plain GPT over fine tokens). `sampling`
         is stage 1's (or the baseline's) settings, `stage2_sampling` stage 2's; `restrict=False` lets
-        stage 2 leave the cluster (an ablation). `seed`: an int, a torch.Generator (one draw of it seeds
-        the request), None (a draw of torch's global generator), or one (seed, index) pair per image: image
-        `index` of the request with that seed, whatever else is in this call (how a server merges the
+        stage 2 leave the cluster (an ablation). `seed`: a whole number 0 .. 2**32 - 1, a torch.Generator (one draw
+        of it seeds the request), None (a draw of torch's global generator), or one (seed, index) pair per image:
+        image `index` of the request with that seed, whatever else is in this call (how a server merges the
         requests of several users into one call). `preview`: also the images decoded from
         stage 1 alone. `callback(first, step, tokens)` runs every `callback_steps` tokens of the
         autoregressive stage and after its last, with the tokens so far [b, step] of the batch whose first
@@ -242,25 +214,24 @@ class CTFPipeline:
         differently), which flips a token where its number falls on the edge between two tokens: in the
         tests over 99% of tokens agree between batch sizes 1 and 7 in float32, all in float64. The same
         request with the same batch size on the same device gives the same images."""
-        labels = torch.tensor(self.class_ids(classes)).repeat_interleave(whole_number(per_class, "per_class", 1))
-        self.check_settings(mode, sampling, stage2_sampling, preview)
-        batch_size = check_batching(batch_size, output_type)
-        callback_steps = check_callback(callback, callback_steps)
-        seeds = image_seeds(seed, len(labels))  # last: a generator is drawn from only for a request that runs
-        fine, coarse, pixels, previews = [], [], [], []
+        drawn = seed is None or isinstance(seed, torch.Generator)
+        request = SamplingRequest(classes, per_class, mode, sampling, stage2_sampling, restrict, 0 if drawn else seed)
+        options = RunOptions(batch_size, output_type, preview, callback, callback_steps, progress)
+        request = request.check(self, preview)
+        if drawn:  # last: a generator is drawn from only for a request that runs
+            request = replace(request, seed=request_seed(seed))
         with self._inference():
-            for start, batch, uniforms in self._batches(labels, batch_size, seeds, progress, f"sample[{mode}]"):
-                on_step = None if callback is None else partial(callback, start)
-                steps = dict(callback=on_step, callback_steps=callback_steps)
-                if mode == "baseline":
-                    fine.append(self.baseline_tokens(batch, sampling, uniforms[:, 0], **steps))
-                else:
-                    coarse.append(self.stage1_tokens(batch, sampling, uniforms[:, 0], **steps))
-                    fine.append(self.stage2_tokens(coarse[-1], batch, stage2_sampling, uniforms[:, 1], restrict))
-                pixels.append(self.decode(fine[-1]))
-                if preview:
-                    previews.append(self.decode_preview(coarse[-1]))
-        return self._output(output_type, labels, fine, coarse, pixels, previews)
+            return sample_request(self, request, options)
+
+    @torch.no_grad()
+    def sample(self, request: SamplingRequest, *, batch_size: int = DEFAULT_BATCH_SIZE, output_type: str = "pil",
+               preview: bool = False, callback=None, callback_steps: int = 1,
+               progress: bool = False) -> PipelineOutput:
+        """The images of `request`, run as the pipeline call's keyword arguments of the same names say."""
+        options = RunOptions(batch_size, output_type, preview, callback, callback_steps, progress)
+        request = request.check(self, preview)
+        with self._inference():
+            return sample_request(self, request, options)
 
     @torch.no_grad()
     def variations(self, coarse, classes, *, n: int = 1, stage2_sampling: SamplingParams = STAGE2_DEFAULTS,
@@ -279,21 +250,12 @@ class CTFPipeline:
             raise CtfgenError(f"{len(coarse)} coarse grids but {len(labels)} classes; give one class per grid")
         n = whole_number(n, "n", minimum=1)
         coarse, labels = coarse.repeat_interleave(n, 0), labels.repeat_interleave(n)
-        check_stage2(stage2_sampling, self.tokenizer.config.codebook_size)
-        batch_size = check_batching(batch_size, output_type)
+        check_stage2(stage2_sampling)
+        check_top_k(stage2_sampling, "stage 2", self.tokenizer.config.codebook_size)
+        options = RunOptions(batch_size, output_type, progress=progress)
         seeds = image_seeds(seed, len(labels))
-        fine, pixels = [], []
         with self._inference():
-            for start, batch, uniforms in self._batches(labels, batch_size, seeds, progress, "variations"):
-                grids = coarse[start:start + len(batch)].to(self.device)
-                fine.append(self.stage2_tokens(grids, batch, stage2_sampling, uniforms[:, 1], restrict))
-                pixels.append(self.decode(fine[-1]))
-        return self._output(output_type, labels, fine, [coarse], pixels, [])
-
-    def _output(self, output_type: str, labels, fine, coarse, pixels, previews) -> PipelineOutput:
-        return PipelineOutput(as_output_type(torch.cat(pixels), output_type), labels_as(labels, output_type),
-                              torch.cat(fine).cpu(), torch.cat(coarse).cpu() if coarse else None,
-                              as_output_type(torch.cat(previews), output_type) if previews else None)
+            return sample_variations(self, coarse, labels, seeds, stage2_sampling, restrict, options)
 
     # -- the stage steps of a request: on tensors of the pipeline's device, unchecked ---------------
 
@@ -326,7 +288,7 @@ class CTFPipeline:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels [B, 3, H, W] -> fine grids [B, h, w] on the CPU: the tokens of given images, whose coarse
         labels (`coarse_map.coarse_of_fine[tokens]`) `variations` can re-roll."""
-        size = self.grid * self.tokenizer.config.downsample
+        size = self.image_size
         if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
             raise CtfgenError(f"images to encode must be uint8 [B, 3, {size}, {size}], got {pixels.dtype} "
                               f"{list(pixels.shape)}")

@@ -6,7 +6,7 @@ output of that kind (a tagged PNG or .npz, a directory of tagged PNGs) and --ove
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -106,11 +106,14 @@ def _sampling_params(args, prefix: str, what: str) -> SamplingParams:
         raise CtfgenError(f"{what}: {e}") from None
 
 
-def _request(args) -> dict:
-    """The pipeline call's settings of `ctfgen sample` and `ctfgen demo` (one function: same flags, same images)."""
-    return dict(mode="baseline" if args.baseline else "ctf", sampling=_sampling_params(args, "", "stage-1 settings"),
-                stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),
-                restrict=not args.unrestricted, seed=args.seed, batch_size=args.batch)
+def _request(args, classes, per_class: int):
+    """The request of `ctfgen sample` and `ctfgen demo` (one function: same flags, same images)."""
+    from ctfgen.sampling.request import SamplingRequest
+
+    return SamplingRequest(classes, per_class, mode="baseline" if args.baseline else "ctf",
+                           sampling=_sampling_params(args, "", "stage-1 settings"),
+                           stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),
+                           restrict=not args.unrestricted, seed=args.seed)
 
 
 def _check_outputs(args, outputs: dict[str, tuple]) -> None:
@@ -141,6 +144,8 @@ def cmd_sample(args) -> None:
                           "or both")
     if args.preview_grid and args.baseline:
         raise CtfgenError("--preview-grid shows CTF's stage-1 preview; drop --baseline")
+    per_class = 1 if args.per_class is None else args.per_class
+    request = _request(args, () if args.classes is None else args.classes.split(","), per_class)  # before loading
     _check_outputs(args, {"--npz": NPZ, "--grid": PNG, "--preview-grid": PNG, "--out": PNG_DIR})
     with launched(args.device) as runtime:  # under torchrun each process samples whole batches; rank 0 writes
         pipe = CTFPipeline.from_pretrained(args.pipeline, device=runtime.device)
@@ -148,10 +153,10 @@ def cmd_sample(args) -> None:
             pipe = pipe.copy(DTYPES[args.dtype])
         if args.compile:
             pipe.compile_decoding()
-        classes = args.classes.split(",") if args.classes is not None else range(pipe.num_classes)
-        per_class = 1 if args.per_class is None else args.per_class
-        out = sample_sharded(pipe, classes, runtime, per_class=per_class, preview=bool(args.preview_grid),
-                             progress=True, **_request(args))
+        if args.classes is None:  # every class
+            request = replace(request, classes=range(pipe.num_classes))
+        out = sample_sharded(pipe, request, runtime, batch_size=args.batch, preview=bool(args.preview_grid),
+                             progress=True)
     if runtime.is_main:
         _write_samples(args, out, ncol=per_class if per_class > 1 else min(len(out.labels), 16))  # a row per class
 
@@ -186,12 +191,12 @@ def cmd_demo(args) -> None:
     _check_outputs(args, {"--out": PNG})
     tic = time.perf_counter()
     pipe = CTFPipeline.from_pretrained(args.pipeline)
-    request = _request(args)
-    pixels = pipe(range(pipe.num_classes), per_class=args.per_class, output_type="pt", **request).images
+    request = _request(args, range(pipe.num_classes), args.per_class)
+    pixels = pipe.sample(request, batch_size=args.batch, output_type="pt").images
     grid = add_row_labels(make_grid(pixels, ncol=args.per_class), pipe.class_names, row_height=pixels.shape[-2])
     path = save_png(grid, args.out)
-    print(f"wrote {path}: {args.per_class} {'CTF' if request['mode'] == 'ctf' else 'baseline'} samples for each of "
-          f"the {pipe.num_classes} classes (a row per class, CFG {request['sampling'].cfg_scale}) in "
+    print(f"wrote {path}: {args.per_class} {'CTF' if request.mode == 'ctf' else 'baseline'} samples for each of "
+          f"the {pipe.num_classes} classes (a row per class, CFG {request.sampling.cfg_scale}) in "
           f"{time.perf_counter() - tic:.1f}s")
 
 
@@ -200,7 +205,7 @@ def cmd_reroll(args) -> None:
 
     from ctfgen.data.images import make_grid, save_npz, save_png, save_png_dir
     from ctfgen.pipeline import CTFPipeline
-    from ctfgen.sampling.reroll import coarse_of_images, image_size, read_image, reroll_grid
+    from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
 
     _check_outputs(args, {"--npz": NPZ, "--grid": PNG, "--out": PNG_DIR})
     pipe = CTFPipeline.from_pretrained(args.pipeline)
@@ -208,7 +213,7 @@ def cmd_reroll(args) -> None:
     if len(classes) not in (1, len(args.images)):
         raise CtfgenError(f"{len(classes)} classes for {len(args.images)} images; give one class for all, or one "
                           f"per image")
-    pixels = torch.stack([read_image(path, image_size(pipe)) for path in args.images])
+    pixels = torch.stack([read_image(path, pipe.image_size) for path in args.images])
     coarse = coarse_of_images(pipe, pixels)
     out = pipe.variations(coarse, classes * (len(args.images) // len(classes)), n=args.n,
                           stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),

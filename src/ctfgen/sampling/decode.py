@@ -12,6 +12,9 @@ of a request has its own generator, seeded from (the request's seed, i), which d
 for the autoregressive stage (stage 1 or the baseline) and then n_tokens for stage 2. An image's
 numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request;
 a call that merges several requests gives each image the (seed, i) pair of its own (`image_seeds`).
+Seeds and indices are 0 .. 2**32 - 1: numpy's SeedSequence reads the pair as the 32-bit words [seed, index],
+distinct for every pair in that range, whereas a larger seed's words would run into the index's (seed 2**32,
+image 0 would draw what seed 0, image 1 draws).
 """
 
 from __future__ import annotations
@@ -20,22 +23,21 @@ import numpy as np
 import torch
 
 from ctfgen.backends.decoding import decode_backend
-from ctfgen.errors import CtfgenError
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
-from ctfgen.sampling.params import SamplingParams, whole_number
-
-SEED_RANGE = 2**63 - 1  # seeds drawn from a generator lie in [0, SEED_RANGE)
+from ctfgen.sampling.params import SamplingParams
+from ctfgen.sampling.request import check_seed, checked_seeds
+from ctfgen.validation import MAX_SEED
 
 
 def request_seed(seed: int | torch.Generator | None) -> int:
     """The base seed of a request: an int as it is; from a torch.Generator one draw of it (a generator
     reused over calls gives new images each call, as in diffusers); None: one draw of torch's global one."""
     if isinstance(seed, torch.Generator):
-        return int(torch.randint(SEED_RANGE, (1,), generator=seed, device=seed.device))
+        return int(torch.randint(MAX_SEED + 1, (1,), generator=seed, device=seed.device))
     if seed is None:
-        return int(torch.randint(SEED_RANGE, (1,)))
-    return whole_number(seed, "seed", minimum=0)
+        return int(torch.randint(MAX_SEED + 1, (1,)))
+    return check_seed(seed)
 
 
 def image_seeds(seed, count: int) -> list[tuple[int, int]]:
@@ -44,17 +46,9 @@ def image_seeds(seed, count: int) -> list[tuple[int, int]]:
     they are: a batcher that merges several requests into one passes each image's pair from its own request,
     so that the image draws the numbers it would draw alone."""
     if isinstance(seed, (list, tuple)):
-        if len(seed) != count:
-            raise CtfgenError(f"{len(seed)} per-image seeds for {count} images; give one (seed, index) pair per image")
-        return [seed_pair(pair) for pair in seed]
+        return list(checked_seeds(seed, count))
     base = request_seed(seed)
     return [(base, index) for index in range(count)]
-
-
-def seed_pair(pair) -> tuple[int, int]:
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-        raise CtfgenError(f"a per-image seed is a (seed, index) pair, got {pair!r}")
-    return whole_number(pair[0], "seed", minimum=0), whole_number(pair[1], "image index", minimum=0)
 
 
 def image_uniforms(seed: int, first: int, count: int, n_tokens: int) -> torch.Tensor:

@@ -20,10 +20,6 @@ from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
 
 
-def image_size(pipe: CTFPipeline) -> int:
-    return pipe.grid * pipe.tokenizer.config.downsample
-
-
 def read_image(path, size: int) -> torch.Tensor:
     """An image file as uint8 [3, size, size]: one of the tokenizer's size as it is, or a 28x28 one (Fashion-MNIST's
     size) for a 32x32 tokenizer padded with black as the training images were. Grey images get three equal

@@ -14,28 +14,23 @@ import torch
 from tqdm import tqdm
 
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling.decode import image_seeds
-from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
-from ctfgen.sampling.request import PipelineOutput
+from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, whole_number
+from ctfgen.sampling.request import PipelineOutput, SamplingRequest
 from ctfgen.training.distributed import Runtime, gather_in_order, round_robin_batches
 
 
-def sample_sharded(pipe: CTFPipeline, classes, runtime: Runtime, *, per_class: int = 1, mode: str = "ctf",
-                   sampling: SamplingParams = STAGE1_DEFAULTS, stage2_sampling: SamplingParams = STAGE2_DEFAULTS,
-                   restrict: bool = True, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, preview: bool = False,
+def sample_sharded(pipe: CTFPipeline, request: SamplingRequest, runtime: Runtime, *,
+                   batch_size: int = DEFAULT_BATCH_SIZE, preview: bool = False,
                    progress: bool = False) -> PipelineOutput | None:
-    """`pipe(classes, ..., output_type="pt")` with these arguments, computed by all the processes of `runtime`
-    together: its output on rank 0, None on the others. `seed` is an int, the same in every process."""
-    labels = [c for c in pipe.class_ids(classes) for _ in range(whole_number(per_class, "per_class", 1))]
-    pipe.check_settings(mode, sampling, stage2_sampling, preview)  # in every process, also those left without a batch
-    seeds = image_seeds(whole_number(seed, "seed", 0), len(labels))
-    batch_size = whole_number(batch_size, "batch_size", 1)
-    settings = dict(mode=mode, sampling=sampling, stage2_sampling=stage2_sampling, restrict=restrict,
-                    batch_size=batch_size, preview=preview, output_type="pt")
+    """`pipe.sample(request, output_type="pt", ...)`, computed by all the processes of `runtime` together: its
+    output on rank 0, None on the others."""
+    request = request.check(pipe, preview)  # in every process, also those left without a batch
+    batch_size = whole_number(batch_size, "batch_size", minimum=1)
     parts = []
-    batches = round_robin_batches(len(labels), batch_size, runtime)
+    batches = round_robin_batches(request.count, batch_size, runtime)
     for batch in tqdm(batches, desc="sample", unit="round", disable=None if progress and runtime.is_main else True):
-        part = None if batch is None else pipe([labels[i] for i in batch], seed=[seeds[i] for i in batch], **settings)
+        part = None if batch is None else pipe.sample(request.images(batch), batch_size=batch_size, preview=preview,
+                                                      output_type="pt")
         parts += gather_in_order(part, runtime)
     return concatenate(parts) if runtime.is_main else None
 

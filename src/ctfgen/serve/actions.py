@@ -20,9 +20,9 @@ from PIL import Image
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import SamplingParams, whole_number
-from ctfgen.sampling.request import check_sampling, check_stage2
-from ctfgen.sampling.reroll import coarse_of_images, image_size, read_image, reroll_grid
-from ctfgen.serve.batcher import Batcher, Progress, Request
+from ctfgen.sampling.request import SamplingRequest
+from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
+from ctfgen.serve.batcher import Batcher, Progress
 from ctfgen.serve.views import grid_image, progress_pixels
 
 MODES = {"CTF": ("ctf",), "Baseline": ("baseline",), "Both": ("ctf", "baseline")}
@@ -88,30 +88,23 @@ class Demo:
     # -- generate ------------------------------------------------------------------------------
 
     def requests(self, classes, one_of_each, per_class, seed, mode, cfg_scale, temperature, top_k,
-                 stage2_temperature, stage2_top_k) -> list[Request]:
-        """The page's form as one request per mode, checked whole."""
+                 stage2_temperature, stage2_top_k) -> list[SamplingRequest]:
+        """The page's form as one request per mode, each checked whole (the form's words for its boxes)."""
         if mode not in self.modes:
             raise CtfgenError(f"choose one of {', '.join(self.modes)}")
         if not classes and not one_of_each:
             raise CtfgenError("pick at least one class (or one of each)")
-        ids = list(range(self.pipe.num_classes)) if one_of_each else self.pipe.class_ids(classes)
         per_class = whole_number(_number(per_class, "images of each class"), "images of each class", minimum=1)
-        total = len(ids) * per_class
-        if total > self.limits.max_images:
-            raise CtfgenError(f"{total} images asked for ({len(ids)} classes x {per_class}); one request may ask "
-                              f"for at most {self.limits.max_images}")
-        seed = whole_number(_number(seed, "seed"), "seed", minimum=0)
         sampling = _params("stage 1", temperature=temperature, top_k=_number(top_k, "stage-1 top-k"),
                            cfg_scale=cfg_scale)
         stage2 = _params("stage 2", temperature=stage2_temperature, top_k=_number(stage2_top_k, "stage-2 top-k"))
-        modes = MODES[mode]
-        for m in modes:
-            check_sampling(sampling, "stage 1" if m == "ctf" else "baseline",
-                           (self.pipe.stage1 if m == "ctf" else self.pipe.baseline).config.vocab_size)
-        if "ctf" in modes:
-            check_stage2(stage2, self.pipe.tokenizer.config.codebook_size)
-        classes = tuple(c for c in ids for _ in range(per_class))
-        return [Request(classes, seed, m, sampling, stage2) for m in modes]
+        requests = [SamplingRequest(range(self.pipe.num_classes) if one_of_each else classes, per_class, m, sampling,
+                                    stage2, seed=_number(seed, "seed")).check(self.pipe) for m in MODES[mode]]
+        total = requests[0].count
+        if total > self.limits.max_images:
+            raise CtfgenError(f"{total} images asked for ({len(requests[0].classes)} classes x {per_class}); one "
+                              f"request may ask for at most {self.limits.max_images}")
+        return requests
 
     def generate(self, *form):
         """Frames of the page while the request runs: the streamed partial images of each mode (CTF: the
@@ -119,7 +112,7 @@ class Demo:
         requests = self.requests(*form)
         frame = Frame({r.mode: None for r in requests})
         for request in requests:
-            timing = Timing(request.mode, len(request.classes))
+            timing = Timing(request.mode, request.count)
             frame.timings.append(timing)
             tic = time.perf_counter()
             job = self.batcher.submit(request)
@@ -159,7 +152,7 @@ class Demo:
             raise CtfgenError("upload an image first")
         if not class_name:
             raise CtfgenError("choose the class of the uploaded image")
-        pixels = read_image(path, image_size(self.pipe))[None]
+        pixels = read_image(path, self.pipe.image_size)[None]
         label = self.pipe.class_ids([class_name])
         with self.batcher.pipeline() as pipe:
             coarse = coarse_of_images(pipe, pixels)
@@ -169,11 +162,10 @@ class Demo:
         n = whole_number(_number(n, "variations"), "variations", minimum=1)
         if n > self.limits.max_images:
             raise CtfgenError(f"{n} variations asked for; one request may ask for at most {self.limits.max_images}")
-        seed = whole_number(_number(seed, "re-roll seed"), "re-roll seed", minimum=0)
         stage2 = _params("stage 2", temperature=stage2_temperature, top_k=_number(stage2_top_k, "stage-2 top-k"))
-        check_stage2(stage2, self.pipe.tokenizer.config.codebook_size)
         with self.batcher.pipeline() as pipe:
-            out = pipe.variations(coarse, labels, n=n, stage2_sampling=stage2, seed=seed, output_type="pt")
+            out = pipe.variations(coarse, labels, n=n, stage2_sampling=stage2, seed=_number(seed, "re-roll seed"),
+                                  output_type="pt")
             previews = pipe.decode_preview(coarse)
         grid = reroll_grid(originals, previews, out.images)
         path = Path(tempfile.mkdtemp(dir=self._files)) / "variations.npz"

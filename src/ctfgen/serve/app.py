@@ -10,7 +10,6 @@ from __future__ import annotations
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
-from ctfgen.sampling.reroll import image_size
 from ctfgen.serve.actions import MODES, Demo, Limits
 from ctfgen.serve.offline import import_gradio
 
@@ -94,7 +93,7 @@ def build_app(demo: Demo):
                                       elem_id="reroll-index")
                     reroll_button = gr.Button("Re-roll this image", elem_id="reroll")
                 with gr.Column():
-                    size = image_size(pipe)
+                    size = pipe.image_size
                     upload = gr.File(label=f"or upload a {size}x{size} (or 28x28) grey image", type="filepath",
                                      file_types=["image"], elem_id="upload")
                     upload_class = gr.Dropdown(names, value=names[0], label="Its class", elem_id="upload-class")

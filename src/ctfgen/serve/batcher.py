@@ -2,8 +2,8 @@
 
 One worker thread owns the pipeline (its models keep decoding caches, so two calls must not overlap). Requests
 wait in a queue; when the worker is free it takes the oldest one and every other waiting request with the same
-settings (mode and both stages' SamplingParams), up to `max_batch` images in all, and samples them in one call,
-each image with the (seed, index) pair of its own request: every user gets the images they would get alone
+settings (`SamplingRequest.settings`), up to `max_batch` images in all, and samples them in one call, each
+image with the (seed, index) pair of its own request: every user gets the images they would get alone
 (up to a near-tie that the batch shape can flip in float32; see `CTFPipeline.__call__`). While the
 autoregressive stage runs, each request receives its rows of the tokens so far, for its streamed preview, and
 their picture: drawn once for the whole call on a thread of its own, beside the sampler (a thread per user
@@ -23,24 +23,7 @@ import torch
 
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
-from ctfgen.sampling.params import SamplingParams
-from ctfgen.sampling.request import PipelineOutput
-
-
-@dataclass(frozen=True)
-class Request:
-    """One user's images: `classes` holds the class id of each, all sampled with `seed` (image i: (seed, i))."""
-
-    classes: tuple[int, ...]
-    seed: int
-    mode: str  # "ctf" or "baseline"
-    sampling: SamplingParams
-    stage2_sampling: SamplingParams
-
-    @property
-    def settings(self) -> tuple:
-        """What must be equal for requests to share a sampler call."""
-        return self.mode, self.sampling, self.stage2_sampling
+from ctfgen.sampling.request import PipelineOutput, SamplingRequest, merged
 
 
 @dataclass(frozen=True)
@@ -56,7 +39,7 @@ class Progress:
 class Job:
     """A request in flight: the worker posts its newest progress, then its result (or an error)."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: SamplingRequest):
         self.request = request
         self._posted = threading.Condition()
         self._progress: Progress | None = None
@@ -165,9 +148,11 @@ class Batcher:
         self._worker = threading.Thread(target=self._serve, name="ctfgen-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, request: Request) -> Job:
-        if len(request.classes) > self.max_batch:
-            raise CtfgenError(f"{len(request.classes)} images in one request; at most {self.max_batch}")
+    def submit(self, request: SamplingRequest) -> Job:
+        """Queue a request (checked against the pipeline here, so that a bad one never joins a shared call)."""
+        request = request.check(self.pipe)
+        if request.count > self.max_batch:
+            raise CtfgenError(f"{request.count} images in one request; at most {self.max_batch}")
         job = Job(request)
         with self._changed:
             if self._closed:
@@ -220,20 +205,20 @@ class Batcher:
                 return None
             settings, taken, size = self._waiting[0].request.settings, [], 0
             for job in self._waiting:
-                if job.request.settings == settings and size + len(job.request.classes) <= self.max_batch:
+                if job.request.settings == settings and size + job.request.count <= self.max_batch:
                     taken.append(job)
-                    size += len(job.request.classes)
+                    size += job.request.count
             self._waiting = [job for job in self._waiting if job not in taken]
         return taken
 
     def _sample(self, jobs: list[Job]) -> None:
         spans, start = [], 0
         for job in jobs:
-            spans.append((job, start, start + len(job.request.classes)))
+            spans.append((job, start, start + job.request.count))
             start = spans[-1][2]
 
-        request = jobs[0].request
-        previews = None if self.preview is None else Previews(partial(self.preview, request.mode), spans)
+        mode = jobs[0].request.mode
+        previews = None if self.preview is None else Previews(partial(self.preview, mode), spans)
 
         def on_step(first: int, step: int, tokens: torch.Tensor) -> None:  # first is 0: the call is one batch
             if previews is not None:
@@ -245,12 +230,8 @@ class Batcher:
             with self._pipeline_lock:
                 self.calls += 1
                 try:
-                    out = self.pipe([c for job in jobs for c in job.request.classes],
-                                    seed=[(job.request.seed, i) for job in jobs
-                                          for i in range(len(job.request.classes))],
-                                    mode=request.mode, sampling=request.sampling,
-                                    stage2_sampling=request.stage2_sampling, batch_size=start, output_type="pt",
-                                    callback=on_step, callback_steps=self.progress_every)
+                    out = self.pipe.sample(merged([job.request for job in jobs]), batch_size=start,
+                                           output_type="pt", callback=on_step, callback_steps=self.progress_every)
                 finally:
                     if previews is not None:
                         previews.close()

@@ -43,7 +43,6 @@ def progress_pixels(pipe: CTFPipeline, mode: str, tokens: torch.Tensor) -> torch
     every frame whole; the last frame is the whole grid, `pipe.decode_preview(coarse)` exactly."""
     grids = rows_so_far(tokens, pipe.grid).to(pipe.device)
     decoded = pipe.decode_preview(grids) if mode == "ctf" else pipe.decode(grids)
-    size = pipe.grid * pipe.tokenizer.config.downsample
-    pixels = torch.full((len(tokens), 3, size, size), BLANK, dtype=torch.uint8)
+    pixels = torch.full((len(tokens), 3, pipe.image_size, pipe.image_size), BLANK, dtype=torch.uint8)
     pixels[:, :, :decoded.shape[2]] = decoded
     return pixels
