@@ -132,7 +132,10 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
         usage.copy_(saved_usage(saved, usage, run.checkpoint_dir))
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=run.start_step,
                                end_step=cfg.steps, rank=runtime.rank, world_size=runtime.world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.num_workers)
+    # Its own generator: making the loader's iterator draws a seed, which from the global generator would shift the
+    # random flips of a resumed run (restored just before) away from the uninterrupted run's.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     train_model = DDP(model, broadcast_buffers=False) if runtime.distributed else model
     train_disc = DDP(disc, broadcast_buffers=False) if disc and runtime.distributed else disc
 
