@@ -26,8 +26,7 @@ from doc_checks import (
     tables,
 )
 
-FIGURE_DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # every figure backed by a file
-COMMAND_DOCS = [*FIGURE_DOCS, REPO / "pretrained" / "fmnist" / "README.md"]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "pretrained" / "fmnist" / "README.md"]
 SHELL = ("bash", "sh", "shell", "console")
 MAX_RESULT_BYTES = 64 * 1024
 REPO_PATH = re.compile(r"^(?:scripts|benchmarks|experiments|tests|src|pretrained|docs)/[\w./-]*$")
@@ -94,7 +93,7 @@ def quoted_shell(doc: Path) -> tuple[list[str], list[str]]:
     return [body for lang, body in blocks if lang in SHELL], [s for s in spans if COMMAND_LIKE.match(s)]
 
 
-@pytest.mark.parametrize("doc", COMMAND_DOCS, ids=name)
+@pytest.mark.parametrize("doc", DOCS, ids=name)
 def test_quoted_commands_run_as_written(doc):
     blocks, spans = quoted_shell(doc)
     quoted = [(c, False) for b in blocks for c in commands(b)] + [(c, True) for s in spans for c in commands(s)]
@@ -102,14 +101,14 @@ def test_quoted_commands_run_as_written(doc):
     assert not problems, f"{name(doc)}: quoted commands that would not run:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("doc", FIGURE_DOCS, ids=name)
+@pytest.mark.parametrize("doc", DOCS, ids=name)
 def test_every_table_figure_equals_its_result_file(doc):
     """A table with figures (numbers outside its first column) has a results marker naming its files and, row by
     row, the entry behind each figure; each figure must be its entry rounded to the decimals it shows. A pending
     marker's table shows no figures, and its file must not exist yet (once it does, fill the table)."""
     text = doc.read_text()
     _, prose = split_blocks(text)
-    written_by_a_command = "\n".join(text for d in COMMAND_DOCS for part in quoted_shell(d) for text in part)
+    written_by_a_command = "\n".join(text for d in DOCS for part in quoted_shell(d) for text in part)
     for table in tables(prose):
         where = f"{name(doc)}:{table.line}"
         figures = [[n for cell in row[1:] for n in numbers(cell)] for row in table.rows]
@@ -135,7 +134,7 @@ def test_every_table_figure_equals_its_result_file(doc):
                 assert shows(written, value), f"{where}: row {row[0]!r} shows {written}, {entry} is {value!r}"
 
 
-@pytest.mark.parametrize("doc", COMMAND_DOCS, ids=name)
+@pytest.mark.parametrize("doc", DOCS, ids=name)
 def test_links_and_quoted_paths_exist(doc):
     text = doc.read_text()
     _, prose = split_blocks(text)
@@ -169,7 +168,7 @@ def test_result_files_are_small_json():
 
 def test_python_examples_import_what_they_name():
     """The import lines of the docs' Python examples work (the rest needs data and time)."""
-    for doc in COMMAND_DOCS:
+    for doc in DOCS:
         blocks, _ = split_blocks(doc.read_text())
         for lang, body in blocks:
             for line in body.splitlines() if lang == "python" else []:
