@@ -2,6 +2,7 @@
 exactly one `ctfgen: error:` line on stderr, no traceback, and no file created, changed or deleted; through the
 API each must raise a CtfgenError that says what is wrong."""
 
+import errno
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -26,7 +28,7 @@ from ctfgen.data.images import is_ctfgen_npz, save_npz, save_png
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier
 from ctfgen.evaluation.npz import read_image_npz
-from ctfgen.files import write_atomic
+from ctfgen.files import append_line, write_atomic
 from ctfgen.models.config import GPTConfig, gpt_config
 from ctfgen.models.gpt import GPT
 from ctfgen.tokenizer.evaluate import evaluate_tokenizer
@@ -248,6 +250,21 @@ def symlink_to_photo(w) -> Path:
     return w / "link"
 
 
+def folder_with_a_bad_image(w) -> Path:
+    """Two classes of two good 16x16 PNGs each, and one undecodable bad.jpg in class b."""
+    for c, colour in (("a", "red"), ("b", "green")):
+        (w / "images" / c).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (16, 16), colour).save(w / "images" / c / f"good{k}.png")
+    (w / "images/b/bad.jpg").write_bytes(b"not a jpeg" * 8)
+    return w / "images"
+
+
+def redundancy_on_folder(a, w, *extra):
+    return ["redundancy", "--tokenizer", a.tok, "--map", a.map, "--data", folder_with_a_bad_image(w), "--image-size",
+            "16", "--n", "8", "--out", w / "study", *extra]
+
+
 def read_only_dir(w) -> Path:
     (w / "ro").mkdir()
     (w / "ro").chmod(0o555)
@@ -385,9 +402,13 @@ CASES = {
     "zero --k for precision/recall": (lambda a, w: ["eval", "--floor", "--k", "0"], "--k must be at least 1"),
     "seed beyond 64 bits": (lambda a, w: cluster(a, w / "m.st", "--seed", str(2**64)), "--seed must be between 0"),
     "negative seed": (lambda a, w: cluster(a, w / "m.st", "--seed", "-1"), "--seed must be between 0"),
-    "not a number": (lambda a, w: train(a, w, None, None, None, "--steps", "many"), "invalid int value"),
+    "not a number": (lambda a, w: train(a, w, None, None, None, "--steps", "many"),
+                     "--steps must be a whole number, got 'many'"),
     "unknown device": (lambda a, w: tok_eval(a, a.tok, "--device", "abacus"), "is not a device"),
+    "zero bench --batch": (lambda a, w: ["bench", "--batch", "0"], "batch must be at least 1"),
+    "zero bench --repeats": (lambda a, w: ["bench", "--repeats", "0"], "repeats must be at least 1"),
     # Datasets and sample files.
+    "redundancy on an unreadable image": (lambda a, w: redundancy_on_folder(a, w), "pass --skip-bad-images"),
     "IDX labels out of range": (lambda a, w: tok_eval(a, a.tok, "--data-dir", str(fmnist_with_labels(
         a, w, [12] + [0] * 63))), "Fashion-MNIST has classes 0 to 9"),
     "IDX header of a gzip bomb": (lambda a, w: tok_eval(a, a.tok, "--data-dir", str(gzip_bomb_header(a, w))),
@@ -464,6 +485,117 @@ def test_train_on_bad_codes_writes_nothing(a, tmp_path, capsys):
     codes = bad_codes(a, tmp_path, poke_shard("codes.0.npy", (0, 0, 0, 0), 64))
     assert cli.main(train(a, tmp_path, codes, None, tmp_path / "run", "--steps", "1")) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_redundancy_skips_an_unreadable_image_when_told(a, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        assert cli.main([str(arg) for arg in redundancy_on_folder(a, tmp_path, "--skip-bad-images", "--json")]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["n_images"] == 4 and figures["n_skipped"] == 1
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["redundancy.json", "redundancy.png"]
+
+
+# --- writes the system refuses: a full disk, a read-only file system, a folder removed while it is written --------
+
+def failing_write(error: int, safetensors_style: bool = False):
+    """A stand-in for a serializer (save_file, np.savez, Image.save, Path.write_text, torch.save) that starts writing
+    where it was told, then fails as the system does with errno `error` (safetensors: its own error type, as it
+    reports one)."""
+    from safetensors import SafetensorError
+
+    def write(*args, **kwargs):
+        target = next(arg for arg in args if isinstance(arg, (str, os.PathLike)) or hasattr(arg, "write"))
+        if hasattr(target, "write"):
+            target.write(b"half a file")
+        else:
+            Path(target).write_bytes(b"half a file")
+        if safetensors_style:
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(error)} (os error {error})")
+        raise OSError(error, os.strerror(error))
+
+    return write
+
+
+def folder_removed_meanwhile(original):
+    """A stand-in for a serializer whose output folder (the temporary one being filled) is removed by someone else
+    just before it writes: the real write then fails (ENOENT)."""
+    def write(*args, **kwargs):
+        target = next(arg for arg in args if isinstance(arg, (str, os.PathLike)))
+        shutil.rmtree(Path(target).parent)
+        return original(*args, **kwargs)
+
+    return write
+
+
+def full(error: int, safetensors_style: bool = False):
+    return lambda original: failing_write(error, safetensors_style)
+
+
+SAVE_FILE, SAVEZ, SAVE, PNG_SAVE, WRITE_TEXT = ((safetensors.torch, "save_file"), (np, "savez"), (np, "save"),
+                                                (Image.Image, "save"), (Path, "write_text"))
+WRITE_FAILURES = {  # case: (command line in w, the writer that fails, how, what the line says)
+    "cluster on a full disk": (lambda a, w, p: cluster(a, w / "map.st"), SAVE_FILE, full(errno.ENOSPC, True),
+                               "map.st: no space is left on its device"),
+    "export to a read-only file system": (lambda a, w, p: ["export", a.tok, w / "tok"], SAVE_FILE,
+                                          full(errno.EROFS, True), "tok: its file system is read-only"),
+    "export while its folder is removed": (lambda a, w, p: ["export", a.tok, w / "tok"], SAVE_FILE,
+                                           folder_removed_meanwhile, "tok: its folder was removed"),
+    "extract on a full disk": (lambda a, w, p: extract(a, w / "codes"), SAVE, full(errno.ENOSPC),
+                               "codes: no space is left"),
+    "redundancy on a full disk": (lambda a, w, p: ["redundancy", "--tokenizer", a.tok, "--map", a.map, "--data-dir",
+                                                   a.fmnist, "--n", "8", "--out", w / "r"], WRITE_TEXT,
+                                  full(errno.ENOSPC), "r: no space is left"),
+    "assemble on a full disk": (lambda a, w, p: ["assemble", "--out", w / "pipe", "--tokenizer", p / "tokenizer",
+                                                 "--baseline", p / "baseline"], WRITE_TEXT, full(errno.ENOSPC),
+                                "no space is left"),
+    "sample --npz on a full disk": (lambda a, w, p: ["sample", "--pipeline", p, "--classes", "0", "--npz", w / "s.npz"],
+                                    SAVEZ, full(errno.ENOSPC), "s.npz: no space is left"),
+    "sample --grid without permission": (lambda a, w, p: ["sample", "--pipeline", p, "--classes", "0", "--grid",
+                                                          w / "g.png"], PNG_SAVE, full(errno.EACCES),
+                                         "g.png: permission denied"),
+    "sample --out on a full disk": (lambda a, w, p: ["sample", "--pipeline", p, "--classes", "0,1", "--out",
+                                                     w / "pngs"], PNG_SAVE, full(errno.ENOSPC), "pngs: no space"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRITE_FAILURES))
+def test_a_refused_write_ends_in_one_line_and_leaves_nothing(case, a, pipe_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                             capsys):
+    build, (owner, name), make_writer, expected = WRITE_FAILURES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [str(arg) for arg in build(a, work, pipe_dir)]
+    before = snapshot(a.root)
+    monkeypatch.setattr(owner, name, make_writer(getattr(owner, name)))
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("ctfgen: error: cannot write"), captured.err
+    assert expected in captured.err, captured.err
+    assert list(work.iterdir()) == [] and snapshot(a.root) == before  # no output, no temporary file or folder
+
+
+def test_a_log_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    append_line(log, '{"step": 1}')
+    real_write = os.write
+
+    def write_half_then_fail(fd, data):
+        if len(data) > 4:
+            return real_write(fd, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch, pytest.raises(CtfgenError, match="metrics.jsonl: no space is left"):
+        patch.setattr(os, "write", write_half_then_fail)
+        append_line(log, '{"step": 2, "loss": 1.5}')
+    assert log.read_text() == '{"step": 1}\n'
+
+
+def test_a_checkpoint_with_train_state_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", failing_write(errno.ENOSPC))  # torch.save raises a RuntimeError to a path
+    with pytest.raises(CtfgenError, match="ckpt: no space is left"):
+        save_checkpoint(tmp_path / "ckpt", {"kind": "gpt", "model": {}}, {"w": torch.zeros(2)}, train_state={"step": 1})
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the API ----------------------------------------------------------------------------------------

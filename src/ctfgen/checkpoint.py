@@ -78,7 +78,8 @@ def save_checkpoint(directory, config: dict, state_dict: dict, train_state: dict
         save_tensors(tensors, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_NAME)
+            with open(tmp / TRAIN_STATE_NAME, "wb") as f:  # to a path, torch raises a RuntimeError on a full disk
+                torch.save(train_state, f)
 
     return write_dir_atomic(directory, write, is_checkpoint)
 

@@ -76,6 +76,20 @@ def append_line(path, line: str) -> None:
             os.close(fd)
 
 
+def reserve_space(path) -> None:
+    """Allocate every block of a file that is then written through a memory map: a full disk fails here, as an
+    OSError, not later as a crash (SIGBUS) in the middle of a write. A file system that cannot allocate ahead is
+    left as it is."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

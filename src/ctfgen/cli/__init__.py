@@ -8,13 +8,11 @@ import argparse
 import sys
 import warnings
 
-from ctfgen.cli import bench, data, evaluate, fit, sample, serve, tokenizer, train
+from ctfgen.cli import bench, data, evaluate, sample, serve, tokenizer, train
 from ctfgen.errors import CtfgenError
-from ctfgen.validation import check_options
 
 # In the order `ctfgen --help` lists them: from the tokenizer to the trained pipeline and its evaluation.
-COMMAND_GROUPS = (tokenizer, data, train, fit, sample, bench, serve, evaluate)
-SELF_CHECKING = ("sample", "demo", "bench")  # they validate their request in the sampling API
+COMMAND_GROUPS = (tokenizer, data, train, sample, bench, serve, evaluate)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,13 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
-        return e.code
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command not in SELF_CHECKING:
-            check_options(args)
+        try:
+            args = build_parser().parse_args(argv)  # a number flag's rule refuses a bad value as it is read
+        except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
+            return e.code
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         args.func(args)
     except CtfgenError as e:
         print(f"ctfgen: error: {e}", file=sys.stderr)

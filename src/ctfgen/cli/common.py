@@ -12,7 +12,7 @@ import typing
 
 from ctfgen.checkpoint import DTYPES
 from ctfgen.data.assets import pretrained_dir
-from ctfgen.validation import flag_name
+from ctfgen.validation import IMAGE_SIZE, WHOLE, flag_name, rule_of
 
 
 def bundled(*parts: str) -> str:
@@ -21,10 +21,11 @@ def bundled(*parts: str) -> str:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """A `--field-name` flag for each field of the dataclass `cls` but `skip`, with the field's type, default,
-    choices (metadata["choices"]) and help line (metadata["help"]): the parser states none of them again. A field
-    without a default is a required flag; a bool field is `--name` when it defaults to False, `--name/--no-name`
-    when it defaults to True."""
+    """A `--field-name` flag for each field of the dataclass `cls` but `skip`, with the field's type and rule (see
+    ctfgen.validation.rule_of: a value it refuses is refused as the flag is read, naming the flag), default, choices
+    (metadata["choices"]) and help line (metadata["help"]): the parser states none of them again. A field without a
+    default is a required flag; a bool field is `--name` when it defaults to False, `--name/--no-name` when it
+    defaults to True."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
@@ -45,7 +46,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[
                 text += f" (default {','.join(map(str, field.default))})"
             elif field.default is not None:
                 text += " (default %(default)s)"
-        parser.add_argument(flag, type=_parser_of(kind), choices=field.metadata.get("choices"), help=text, **options)
+        rule = rule_of(field, hints[field.name])
+        parser.add_argument(flag, type=rule.flag_type(flag) if rule else _parser_of(kind, flag),
+                            choices=field.metadata.get("choices"), help=text, **options)
+
+
+def number_flag(parser: argparse.ArgumentParser, flag: str, rule, **options) -> None:
+    """A flag whose value is a number that `rule` (the one the library checks it with) accepts, refused as it is
+    read otherwise, naming the flag (see ctfgen.validation)."""
+    parser.add_argument(flag, type=rule.flag_type(flag), **options)
 
 
 def _value_type(annotation):
@@ -55,18 +64,15 @@ def _value_type(annotation):
     return annotation
 
 
-def _parser_of(kind):
-    """What turns a flag's text into a value of `kind`: the type itself, or for tuple[X, ...] comma-separated Xs."""
+def _parser_of(kind, flag: str):
+    """What turns a flag's text into a value of `kind`: the type itself, or for tuple[int, ...] comma-separated
+    whole numbers."""
     if typing.get_origin(kind) is not tuple:
         return kind
-    item = typing.get_args(kind)[0]
+    whole_number = WHOLE.flag_type(flag)
 
     def comma_separated(text: str) -> tuple:
-        try:
-            return tuple(item(part) for part in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes comma-separated {item.__name__} values, e.g. 32,64,96; "
-                                             f"got {text!r}") from None
+        return tuple(whole_number(part) for part in text.split(","))
 
     return comma_separated
 
@@ -82,8 +88,8 @@ def add_data_flags(parser: argparse.ArgumentParser, skip_bad: bool = True) -> No
     parser.add_argument("--data", default="fmnist", help="'fmnist' (bundled) or an image folder in ImageNet layout")
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default $CTFGEN_DATA or "
                                            "/usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--image-size", type=int, default=256, help="resize/crop size for image folders "
-                        "(default %(default)s)")
+    number_flag(parser, "--image-size", IMAGE_SIZE, default=256, help="resize/crop size for image folders "
+                "(default %(default)s)")
     if skip_bad:
         parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning")
 

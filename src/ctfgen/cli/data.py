@@ -23,24 +23,25 @@ from ctfgen.cli.common import (
     add_tokenizer_flag,
     add_weights_dtype_flag,
     load_tokenizer_and_data,
+    number_flag,
     print_json,
 )
 from ctfgen.clustering import METHODS, CoarseMap, cluster_codebook
 from ctfgen.errors import CtfgenError
-from ctfgen.files import write_atomic
+from ctfgen.files import write_dir_atomic
 from ctfgen.tokenizer.model import VQModel
-from ctfgen.validation import check_destination, check_output
+from ctfgen.validation import NON_NEGATIVE, POSITIVE, SEED, check_destination, check_output
 
 
 def register(commands) -> None:
     cluster = commands.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
     add_tokenizer_flag(cluster)
-    cluster.add_argument("--k", type=int, required=True, help="number of clusters (coarse vocabulary)")
+    number_flag(cluster, "--k", POSITIVE, required=True, help="number of clusters (coarse vocabulary)")
     cluster.add_argument("--method", choices=METHODS, default="kmeans", help="k-means, or a random partition (the "
                          "control) (default %(default)s)")
-    cluster.add_argument("--seed", type=int, default=0, help="k-means++ starts or the random partition "
+    number_flag(cluster, "--seed", SEED, default=0, help="k-means++ starts or the random partition "
                          "(default %(default)s)")
-    cluster.add_argument("--n-init", type=int, default=4, help="k-means restarts; the best is kept "
+    number_flag(cluster, "--n-init", POSITIVE, default=4, help="k-means restarts; the best is kept "
                          "(default %(default)s)")
     cluster.add_argument("--out", required=True, help="output .safetensors file")
     add_json_flag(cluster)
@@ -54,8 +55,8 @@ def register(commands) -> None:
     extract.add_argument("--out", required=True, help="codes directory to write")
     extract.add_argument("--flip", action="store_true", help="also store the codes of mirrored images")
     extract.add_argument("--ten-crop", action="store_true", help="image folders: ten crops of a 1.1x resize")
-    extract.add_argument("--batch-size", type=int, default=500, help="images per batch (default %(default)s)")
-    extract.add_argument("--num-workers", type=int, default=0, help="data loading processes (default %(default)s: "
+    number_flag(extract, "--batch-size", POSITIVE, default=500, help="images per batch (default %(default)s)")
+    number_flag(extract, "--num-workers", NON_NEGATIVE, default=0, help="data loading processes (default %(default)s: "
                          "in this process)")
     add_device_flag(extract)
     add_overwrite_flag(extract, "codes extracted before")
@@ -66,8 +67,8 @@ def register(commands) -> None:
     redundancy.add_argument("--map", required=True, help="coarse map from `ctfgen cluster`")
     add_data_flags(redundancy)
     redundancy.add_argument("--split", default="test", help="the data split (default %(default)s)")
-    redundancy.add_argument("--n", type=int, default=1000, help="images (default %(default)s)")
-    redundancy.add_argument("--seed", type=int, default=0, help="the images and the swaps (default %(default)s)")
+    number_flag(redundancy, "--n", POSITIVE, default=1000, help="images (default %(default)s)")
+    number_flag(redundancy, "--seed", SEED, default=0, help="the images and the swaps (default %(default)s)")
     redundancy.add_argument("--out", required=True, help="directory for redundancy.png and redundancy.json")
     add_device_flag(redundancy)
     add_json_flag(redundancy)
@@ -141,12 +142,16 @@ def cmd_redundancy(args) -> None:
     from ctfgen.evaluation.redundancy import redundancy_study
 
     out = check_output(args.out, flag="--out", what="a redundancy study", overwrite=args.overwrite,
-                       is_ours=lambda path: (path / "redundancy.json").is_file())
+                       is_ours=_is_redundancy_study)
     model, dataset = load_tokenizer_and_data(args, args.split)
     coarse_map = CoarseMap.load(args.map)
     figures, grid = redundancy_study(model, coarse_map, dataset, args.n, seed=args.seed)
-    save_png(make_grid(grid, ncol=4), out / "redundancy.png")
-    write_atomic(out / "redundancy.json", lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2) + "\n"))
+
+    def write(tmp: Path) -> None:  # the figure and its numbers appear together, or neither
+        save_png(make_grid(grid, ncol=4), tmp / "redundancy.png")
+        (tmp / "redundancy.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+    write_dir_atomic(out, write, _is_redundancy_study)
     figures["grid"] = str(out / "redundancy.png")
     if args.json:
         print_json(figures)
@@ -154,6 +159,12 @@ def cmd_redundancy(args) -> None:
         print(f"cluster swap PSNR {figures['kmeans_psnr']:.2f} dB vs random-map swap {figures['random_psnr']:.2f} dB "
               f"over {figures['n_images']} images; grid (original | reconstruction | k-means swap | random swap) "
               f"at {figures['grid']}")
+
+
+def _is_redundancy_study(path: Path) -> bool:
+    """Whether `path` holds an earlier `ctfgen redundancy` output and nothing else."""
+    return (path / "redundancy.json").is_file() and {p.name for p in path.iterdir()} <= {"redundancy.png",
+                                                                                        "redundancy.json"}
 
 
 def cmd_export(args) -> None:

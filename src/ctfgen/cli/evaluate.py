@@ -13,12 +13,13 @@ from ctfgen.cli.common import (
     add_overwrite_flag,
     bundled,
     config_from_args,
+    number_flag,
     print_json,
     show_progress,
 )
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.classifier import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig, train_classifier
-from ctfgen.validation import check_output
+from ctfgen.validation import POSITIVE, SEED, check_output
 
 # The classifier's settings that are fixed for Fashion-MNIST: not flags.
 FIXED_MODEL_FIELDS = ("num_classes", "image_size", "spatial_channels")
@@ -43,17 +44,17 @@ def register(commands) -> None:
     ev.add_argument("--reconstruction", nargs="?", const=bundled("tokenizer"), metavar="TOKENIZER",
                     help="score the tokenizer's reconstructions of --floor-n training images (default: the shipped "
                          "one): the floor of any generator over its tokens")
-    ev.add_argument("--floor-n", type=int, default=10_000, help="training images of --floor and --reconstruction "
+    number_flag(ev, "--floor-n", POSITIVE, default=10_000, help="training images of --floor and --reconstruction "
                     "(default %(default)s)")
     ev.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
-    ev.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size (default %(default)s)")
-    ev.add_argument("--pr-points", type=int, default=10_000,
+    number_flag(ev, "--k", POSITIVE, default=3, help="precision/recall neighbourhood size (default %(default)s)")
+    number_flag(ev, "--pr-points", POSITIVE, default=10_000,
                     help="precision/recall on a fixed random subset of at most this many points per set")
-    ev.add_argument("--is-splits", type=int, default=10, help="Inception Score: mean and std over this many parts")
-    ev.add_argument("--seed", type=int, default=0, help="subsets (precision/recall, IS parts, --floor images)")
+    number_flag(ev, "--is-splits", POSITIVE, default=10, help="Inception Score: mean and std over this many parts")
+    number_flag(ev, "--seed", SEED, default=0, help="subsets (precision/recall, IS parts, --floor images)")
     ev.add_argument("--per-class-fid", action=argparse.BooleanOptionalAction, default=None,
                     help="FID per class (default: when the features have at most 512 dimensions)")
-    ev.add_argument("--batch-size", type=int, default=500, help="images per batch (default %(default)s)")
+    number_flag(ev, "--batch-size", POSITIVE, default=500, help="images per batch (default %(default)s)")
     ev.add_argument("--cache-dir", help="reference statistics cache (default $CTFGEN_CACHE or ~/.cache/ctfgen)")
     ev.add_argument("--no-cache", action="store_true", help="recompute the reference statistics, store nothing")
     add_device_flag(ev)
@@ -65,7 +66,7 @@ def register(commands) -> None:
                                                          "features)")
     add_dataclass_flags(tc, ClassifierTrainConfig, skip=("model",))
     add_dataclass_flags(tc, ClassifierConfig, skip=FIXED_MODEL_FIELDS)
-    tc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    number_flag(tc, "--threads", POSITIVE, help="torch threads (default: torch's choice)")
     add_json_flag(tc)
     add_overwrite_flag(tc, "a classifier written by ctfgen")
     tc.set_defaults(func=cmd_eval_train_classifier)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ctfgen.cli.common import add_pipeline_flag
-from ctfgen.errors import CtfgenError
+from ctfgen.cli.common import add_pipeline_flag, number_flag
 from ctfgen.serve.actions import Limits
+from ctfgen.validation import PORT, POSITIVE, WHOLE
 
 
 def register(commands) -> None:
@@ -13,14 +13,14 @@ def register(commands) -> None:
     add_pipeline_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this "
                        "machine only)")
-    serve.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
-    serve.add_argument("--max-images", type=int, default=Limits.max_images,
+    number_flag(serve, "--port", PORT, default=7860, help="port to listen on (default %(default)s)")
+    number_flag(serve, "--max-images", WHOLE, default=Limits.max_images,
                        help="images one request may ask for (default %(default)s)")
-    serve.add_argument("--max-queue", type=int, default=Limits.max_queue,
+    number_flag(serve, "--max-queue", WHOLE, default=Limits.max_queue,
                        help="requests that may wait at once; more are told the server is busy (default %(default)s)")
-    serve.add_argument("--max-batch", type=int, default=Limits.max_batch,
+    number_flag(serve, "--max-batch", WHOLE, default=Limits.max_batch,
                        help="images in one sampler call, over all the requests that share it (default %(default)s)")
-    serve.add_argument("--threads", type=int, help="torch threads of the sampler (default: one less than torch's "
+    number_flag(serve, "--threads", POSITIVE, help="torch threads of the sampler (default: one less than torch's "
                        "choice, at least 1: a core is left to the previews and the web server)")
     serve.set_defaults(func=cmd_serve)
 
@@ -30,8 +30,6 @@ def cmd_serve(args) -> None:
 
     from ctfgen.serve.app import serve
 
-    if args.threads is not None and args.threads < 1:
-        raise CtfgenError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     serve(args.pipeline, host=args.host, port=args.port,
           limits=Limits(max_images=args.max_images, max_queue=args.max_queue, max_batch=args.max_batch))

@@ -9,10 +9,11 @@ from ctfgen.cli.common import (
     add_overwrite_flag,
     add_tokenizer_flag,
     load_tokenizer_and_data,
+    number_flag,
     print_json,
 )
 from ctfgen.cli.train import register_tokenizer_train
-from ctfgen.validation import check_output
+from ctfgen.validation import NON_NEGATIVE, POSITIVE, check_output
 
 
 def register(commands) -> None:
@@ -22,9 +23,9 @@ def register(commands) -> None:
 
     evaluate = subcommands.add_parser("eval", help="PSNR and codebook usage on a split")
     _add_study_flags(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=500, help="images per batch (default %(default)s)")
-    evaluate.add_argument("--limit", type=int, help="only the first N images")
-    evaluate.add_argument("--num-workers", type=int, default=0, help="data loading processes (default %(default)s: "
+    number_flag(evaluate, "--batch-size", POSITIVE, default=500, help="images per batch (default %(default)s)")
+    number_flag(evaluate, "--limit", POSITIVE, help="only the first N images")
+    number_flag(evaluate, "--num-workers", NON_NEGATIVE, default=0, help="data loading processes (default %(default)s: "
                           "in this process)")
     add_json_flag(evaluate)
     evaluate.set_defaults(func=cmd_tokenizer_eval)
@@ -32,8 +33,8 @@ def register(commands) -> None:
     reconstruct = subcommands.add_parser("reconstruct", help="originals vs reconstructions PNG")
     _add_study_flags(reconstruct)
     reconstruct.add_argument("--out", default="reconstructions.png", help="the PNG to write (default %(default)s)")
-    reconstruct.add_argument("--n", type=int, default=32, help="images (default %(default)s)")
-    reconstruct.add_argument("--columns", type=int, default=8, help="pairs per row (default %(default)s)")
+    number_flag(reconstruct, "--n", POSITIVE, default=32, help="images (default %(default)s)")
+    number_flag(reconstruct, "--columns", POSITIVE, default=8, help="pairs per row (default %(default)s)")
     add_overwrite_flag(reconstruct, "a PNG written by ctfgen")
     reconstruct.set_defaults(func=cmd_tokenizer_reconstruct)
 

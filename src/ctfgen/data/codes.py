@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ctfgen.clustering import CoarseMap
 from ctfgen.data.datasets import FashionMNIST, ImageFolder, center_crop, rgb_image, to_model_range
 from ctfgen.errors import CtfgenError
-from ctfgen.files import replace_dir
+from ctfgen.files import replace_dir, reserve_space, writing
 from ctfgen.tokenizer.model import VQModel
 from ctfgen.training.distributed import Runtime, barrier, gather_in_order, round_robin_batches
 from ctfgen.validation import MAX_CLASSES, MAX_TOKENS, MAX_VOCAB, Whole, check_destination, check_output
@@ -92,8 +92,9 @@ def _fresh_partial(out: Path) -> Path:
         if not (partial / PARTIAL_MARK).exists():
             raise CtfgenError(f"{partial} exists and was not left by `ctfgen extract`; move it away first")
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / PARTIAL_MARK).touch()
+    with writing(out):
+        partial.mkdir(parents=True)
+        (partial / PARTIAL_MARK).touch()
     return partial
 
 
@@ -114,12 +115,13 @@ def extract_codes(tokenizer: VQModel, dataset, out, *, flip: bool = False, ten_c
         _fresh_partial(out)
     barrier(runtime)
     try:
-        manifest = _extract(tokenizer, views, partial, batch_size, num_workers, runtime, progress)
-        manifest |= {"flip": flip, "ten_crop": ten_crop, **(extra_manifest or {})}
-        if runtime.is_main:
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            (partial / PARTIAL_MARK).unlink()
-            replace_dir(partial, out, is_codes_dir)
+        with writing(out):  # a full disk, a read-only place: one line, and the partial output goes
+            manifest = _extract(tokenizer, views, partial, batch_size, num_workers, runtime, progress)
+            manifest |= {"flip": flip, "ten_crop": ten_crop, **(extra_manifest or {})}
+            if runtime.is_main:
+                (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                (partial / PARTIAL_MARK).unlink()
+                replace_dir(partial, out, is_codes_dir)
     except BaseException:
         if runtime.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -145,6 +147,7 @@ def _extract(tokenizer: VQModel, views: ViewDataset, partial: Path, batch_size: 
     if runtime.is_main:  # rank 0 writes every item; on the others gather_in_order gives nothing to write
         codes = np.lib.format.open_memmap(partial / "codes.0.npy", mode="w+", dtype=dtype,
                                           shape=(len(views), views.n_views, h, w))
+        reserve_space(partial / "codes.0.npy")
         labels = np.zeros(len(views), dtype=np.int64)
     pos = 0
     with torch.no_grad():

@@ -25,20 +25,21 @@ from ctfgen.errors import CtfgenError
 from ctfgen.files import write_atomic
 from ctfgen.validation import (
     DECAY,
+    IMAGE_SIZE,
     MAX_CLASSES,
-    MAX_IMAGE_SIZE,
     MAX_WIDTH,
+    NON_NEGATIVE,
+    POSITIVE,
+    RATE,
+    SEED,
+    Real,
     Whole,
-    check_field_types,
-    check_options,
+    check_fields,
     check_output,
-    check_values,
 )
 
 CHECKPOINT_KIND = "fmnist-classifier"
-CONFIG_RULES = {"hidden": Whole(1, MAX_WIDTH), "num_classes": Whole(1, MAX_CLASSES),
-                "image_size": Whole(1, MAX_IMAGE_SIZE), "spatial_channels": Whole(1, MAX_WIDTH), "dropout": DECAY,
-                "pool_grid": Whole(1, MAX_IMAGE_SIZE)}
+WIDTH = Whole(1, MAX_WIDTH)
 
 
 @dataclass
@@ -46,20 +47,20 @@ class ClassifierConfig:
     channels: tuple[int, ...] = field(default=(32, 64, 96), metadata={
         "help": "conv widths: one 3x3 conv + BN + ReLU per stage, a 2x2 max-pool after each"})
     hidden: int = field(default=128, metadata={"help": "width of the penultimate layer: the FID / precision-recall "
-                                                       "features"})
-    num_classes: int = field(default=10, metadata={"help": "classes"})
-    image_size: int = field(default=32, metadata={"help": "input side in pixels"})
+                                                       "features", "rule": WIDTH})
+    num_classes: int = field(default=10, metadata={"help": "classes", "rule": Whole(1, MAX_CLASSES)})
+    image_size: int = field(default=32, metadata={"help": "input side in pixels", "rule": IMAGE_SIZE})
     spatial_channels: int = field(default=7, metadata={
-        "help": "sFID features: the first channels of the last conv map, flattened"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout between the penultimate layer and the class head"})
+        "help": "sFID features: the first channels of the last conv map, flattened", "rule": WIDTH})
+    dropout: float = field(default=0.1, metadata={"help": "dropout between the penultimate layer and the class head",
+                                                  "rule": DECAY})
     pool_grid: int = field(default=4, metadata={
-        "help": "average-pool the last map to this grid before the penultimate layer"})
+        "help": "average-pool the last map to this grid before the penultimate layer", "rule": IMAGE_SIZE})
 
     def __post_init__(self):
         if isinstance(self.channels, list):  # as read back from config.json
             self.channels = tuple(self.channels)
-        check_field_types(self)
-        check_values(self, CONFIG_RULES)
+        check_fields(self)
         stages = len(self.channels)
         if not 1 <= stages or self.image_size >> stages < 1 or any(not 1 <= c <= MAX_WIDTH for c in self.channels):
             raise CtfgenError(f"channels must be 1 to log2(image_size) = {self.image_size.bit_length() - 1} widths of "
@@ -121,18 +122,24 @@ class ClassifierTrainConfig:
     out: str = field(metadata={"help": "checkpoint directory to write (the shipped one: pretrained/fmnist/classifier)"})
     data_dir: str | None = field(default=None, metadata={
         "help": "Fashion-MNIST IDX directory (default $CTFGEN_DATA or /usr/share/datasets/fashion-mnist)"})
-    epochs: int = field(default=8, metadata={"help": "passes over the training split"})
-    batch_size: int = field(default=128, metadata={"help": "images per step"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine decay after warm-up)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear learning-rate warm-up steps"})
-    shift: int = field(default=2, metadata={"help": "random translation by up to this many pixels"})
+    epochs: int = field(default=8, metadata={"help": "passes over the training split", "rule": POSITIVE})
+    batch_size: int = field(default=128, metadata={"help": "images per step", "rule": POSITIVE})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine decay after warm-up)",
+                                              "rule": RATE})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay", "rule": Real(0)})
+    warmup_steps: int = field(default=200, metadata={"help": "linear learning-rate warm-up steps",
+                                                     "rule": NON_NEGATIVE})
+    shift: int = field(default=2, metadata={"help": "random translation by up to this many pixels",
+                                            "rule": NON_NEGATIVE})
     flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
-    seed: int = field(default=0, metadata={"help": "initial weights, data order and augmentation"})
+    seed: int = field(default=0, metadata={"help": "initial weights, data order and augmentation", "rule": SEED})
     dtype: str = field(default="fp16", metadata={"help": "of the saved weights", "choices": tuple(DTYPES)})
-    log_every: int = field(default=50, metadata={"help": "loss to metrics.jsonl every N steps"})
+    log_every: int = field(default=50, metadata={"help": "loss to metrics.jsonl every N steps", "rule": POSITIVE})
     progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
     model: ClassifierConfig = field(default_factory=ClassifierConfig, metadata={"help": "the network"})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def augment(images: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -174,7 +181,6 @@ def train_classifier(cfg: ClassifierTrainConfig, command: str | None = None) -> 
     `command`, the command line that made it, in its config)."""
     from ctfgen.data.datasets import FashionMNIST
 
-    check_options(cfg)
     check_output(cfg.out, flag="--out", what="a feature classifier", overwrite=True,
                  is_ours=lambda path: is_checkpoint(path, CHECKPOINT_KIND))
     train, test = FashionMNIST("train", data_dir=cfg.data_dir), FashionMNIST("test", data_dir=cfg.data_dir)

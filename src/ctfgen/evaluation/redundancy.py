@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ctfgen.clustering import CoarseMap, cluster_codebook
-from ctfgen.data.datasets import FashionMNIST, crop_original, to_uint8
+from ctfgen.data.datasets import FashionMNIST, collate_images, crop_original, to_uint8
 from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.image_metrics import psnr_per_image, ssim_per_image
 from ctfgen.tokenizer.model import VQModel
@@ -44,14 +44,17 @@ def redundancy_study(tokenizer: VQModel, coarse_map: CoarseMap, dataset, n: int,
     device = next(tokenizer.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     scores = {name: {"psnr": [], "ssim": []} for name in maps}
-    grid = []
+    grid, skipped = None, 0
     n = min(n, len(dataset))
     for start in range(0, n, batch_size):
         index = list(range(start, min(n, start + batch_size)))
         if isinstance(dataset, FashionMNIST):
             images = dataset.images(index)
-        else:
-            images = torch.stack([dataset[i][0] for i in index])
+        else:  # an unreadable image is None with skip_bad (warned about), else a CtfgenError
+            images, _, dropped = collate_images([dataset[i] for i in index])
+            skipped += dropped
+            if not len(images):
+                continue
         images = images.to(device)
         codes = tokenizer.encode(images)
         plain = to_uint8(tokenizer.decode(codes))
@@ -62,9 +65,12 @@ def redundancy_study(tokenizer: VQModel, coarse_map: CoarseMap, dataset, n: int,
             scores[name]["psnr"].append(psnr_per_image(a, b).cpu())
             scores[name]["ssim"].append(ssim_per_image(a, b).cpu())
             row.append(swapped)
-        if start == 0:
+        if grid is None:
             grid = torch.stack([r[:grid_rows].cpu() for r in row], dim=1).flatten(0, 1)
-    figures = {"n_images": n, "k": coarse_map.k, "codebook_size": coarse_map.vocab_size, "seed": seed}
+    if grid is None:
+        raise CtfgenError(f"none of the {n} images could be read; check the --data folder")
+    figures = {"n_images": n - skipped, "n_skipped": skipped, "k": coarse_map.k,
+               "codebook_size": coarse_map.vocab_size, "seed": seed}
     for name, s in scores.items():
         figures[f"{name}_psnr"] = float(torch.cat(s["psnr"]).mean())
         figures[f"{name}_ssim"] = float(torch.cat(s["ssim"]).mean())

@@ -23,7 +23,7 @@ from ctfgen.errors import CtfgenError
 from ctfgen.evaluation.features import FeatureNetwork, extract_features, file_digest
 from ctfgen.evaluation.metrics import gaussian_stats
 from ctfgen.evaluation.npz import read_image_npz
-from ctfgen.files import write_atomic
+from ctfgen.files import WriteRefused, write_atomic
 
 CACHE_VERSION = 1  # bump when the cached content or the way it is computed changes
 FMNIST_REFS = {"fmnist-test": "test", "fmnist-train": "train"}
@@ -89,8 +89,8 @@ def _store(path: Path, arrays: dict) -> None:
 
     try:
         write_atomic(path, write)
-    except OSError as e:  # a read-only cache is not fatal: the figures are still right
-        warnings.warn(f"cannot cache reference statistics at {path}: {e}", stacklevel=2)
+    except WriteRefused as e:  # a read-only or full cache is not fatal: the figures are still right
+        warnings.warn(f"reference statistics not cached: {e}", stacklevel=2)
 
 
 def _compute(network: FeatureNetwork, images: np.ndarray, labels, batch_size: int, name: str) -> dict:

@@ -17,8 +17,8 @@ from ctfgen.validation import (
     PROBABILITY,
     Real,
     Whole,
-    check_field_types,
-    check_values,
+    check_fields,
+    ruled,
 )
 
 
@@ -27,40 +27,31 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
 
-CONFIG_RULES = {
-    "vocab_size": Whole(1, MAX_VOCAB), "coarse_vocab_size": Whole(1, MAX_VOCAB),  # the latter: the refiner's
-    "block_size": Whole(1, MAX_TOKENS), "num_classes": Whole(1, MAX_CLASSES), "dim": Whole(1, MAX_WIDTH),
-    "n_layer": Whole(1, MAX_LAYERS), "n_head": Whole(1, MAX_WIDTH), "multiple_of": Whole(1, MAX_WIDTH),
-    "ffn_dim_multiplier": Real(0, 16, low_open=True), "rope_base": Real(0, low_open=True),
-    "norm_eps": Real(0, 1, low_open=True), "initializer_range": Real(0, 1),
-    **dict.fromkeys(["token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
-                     "class_dropout_prob"], PROBABILITY),
-}
+VOCAB, WIDTH, P = Whole(1, MAX_VOCAB), Whole(1, MAX_WIDTH), PROBABILITY
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 16384  # output (and, for the GPT, input) token vocabulary
-    block_size: int = 256  # image tokens per sample: a square grid
-    num_classes: int = 1000  # the embedding table has one more row: the null class for CFG
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    token_dropout_p: float = 0.1
-    attn_dropout_p: float = 0.0
-    resid_dropout_p: float = 0.1
-    ffn_dropout_p: float = 0.1
-    drop_path_rate: float = 0.0
-    class_dropout_prob: float = 0.1
+    vocab_size: int = ruled(16384, VOCAB)  # output (and, for the GPT, input) token vocabulary
+    block_size: int = ruled(256, Whole(1, MAX_TOKENS))  # image tokens per sample: a square grid
+    num_classes: int = ruled(1000, Whole(1, MAX_CLASSES))  # the embedding table has one more row: the null class
+    dim: int = ruled(768, WIDTH)
+    n_layer: int = ruled(12, Whole(1, MAX_LAYERS))
+    n_head: int = ruled(12, WIDTH)
+    multiple_of: int = ruled(256, WIDTH)  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = ruled(None, Real(0, 16, low_open=True))
+    rope_base: float = ruled(10000.0, Real(0, low_open=True))
+    norm_eps: float = ruled(1e-5, Real(0, 1, low_open=True))
+    initializer_range: float = ruled(0.02, Real(0, 1))
+    token_dropout_p: float = ruled(0.1, P)
+    attn_dropout_p: float = ruled(0.0, P)
+    resid_dropout_p: float = ruled(0.1, P)
+    ffn_dropout_p: float = ruled(0.1, P)
+    drop_path_rate: float = ruled(0.0, P)
+    class_dropout_prob: float = ruled(0.1, P)
 
     def __post_init__(self):
-        check_field_types(self)
-        check_values(self, CONFIG_RULES)
+        check_fields(self)
         if self.dim % self.n_head:
             raise CtfgenError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.head_dim % 4:

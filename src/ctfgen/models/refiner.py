@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ctfgen.models.config import MODEL_SHAPES, GPTConfig, config_from_preset
+from ctfgen.models.config import MODEL_SHAPES, VOCAB, GPTConfig, config_from_preset
 from ctfgen.models.gpt import ClassConditionalTransformer
+from ctfgen.validation import ruled
 
 CHECKPOINT_KIND = "refiner"
 
@@ -31,7 +32,7 @@ class RefinerConfig(GPTConfig):
     """GPTConfig plus the input vocabulary: coarse labels in [0, coarse_vocab_size) go in, fine
     tokens in [0, vocab_size) come out."""
 
-    coarse_vocab_size: int = 512
+    coarse_vocab_size: int = ruled(512, VOCAB)
     fine_inputs: bool = False  # also read revealed fine tokens (S-step refinement); False: the paper's refiner
 
 

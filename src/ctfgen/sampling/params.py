@@ -6,27 +6,14 @@ It imports no torch, so that the CLI builds its flags, defaults and help lines f
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 
-from ctfgen.errors import CtfgenError
+from ctfgen.validation import NON_NEGATIVE, Real, Whole, check_fields
 
 
-def whole_number(value, what: str, minimum: int | None = None) -> int:
-    """`value` as an int: ints and integral floats pass (3.0 -> 3); bools, fractions, NaN and text do not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value != int(value):
-        raise CtfgenError(f"{what} must be a whole number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise CtfgenError(f"{what} must be at least {minimum}, got {int(value)}")
-    return int(value)
-
-
-def finite_number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise CtfgenError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+def whole_number(value, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int in [minimum, maximum], or one error naming `what`: `Whole(minimum, maximum).check`."""
+    return Whole(minimum, maximum).check(value, what)
 
 
 @dataclass(frozen=True)
@@ -35,28 +22,21 @@ class SamplingParams:
     no guidance. `cfg_interval` applies to the autoregressive stages only (stage 1, the baseline): N >= 0 guides
     image tokens 0 to N + 1, the first N + 2, exactly as LlamaGen's `generate(cfg_interval=N)`; -1 guides all."""
 
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 takes the most likely token"})
-    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = off)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature; 0 takes the most likely token", "rule": Real(0)})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = off)",
+                                            "rule": NON_NEGATIVE})
     top_p: float = field(default=1.0, metadata={
-        "help": "sample among the most likely tokens whose probabilities add up to p (1 = off)"})
-    cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1 = off)"})
+        "help": "sample among the most likely tokens whose probabilities add up to p (1 = off)",
+        "rule": Real(0, 1, low_open=True)})
+    cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1 = off)",
+                                                    "rule": Real(1)})
     cfg_interval: int = field(default=-1, metadata={
-        "help": "guide image tokens 0 to N+1 only (the first N+2), as LlamaGen's cfg_interval (-1 = all)"})
+        "help": "guide image tokens 0 to N+1 only (the first N+2), as LlamaGen's cfg_interval (-1 = all)",
+        "rule": Whole(-1)})
 
     def __post_init__(self):
-        checked = {"temperature": finite_number(self.temperature, "temperature"),
-                   "top_k": whole_number(self.top_k, "top_k", minimum=0),
-                   "top_p": finite_number(self.top_p, "top_p"),
-                   "cfg_scale": finite_number(self.cfg_scale, "cfg_scale"),
-                   "cfg_interval": whole_number(self.cfg_interval, "cfg_interval", minimum=-1)}
-        if checked["temperature"] < 0:
-            raise CtfgenError(f"temperature must be >= 0 (0 takes the most likely token), got {self.temperature}")
-        if not 0 < checked["top_p"] <= 1:
-            raise CtfgenError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if checked["cfg_scale"] < 1:
-            raise CtfgenError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}")
-        for name, value in checked.items():  # frozen: store the normalised values (3.0 -> 3)
-            object.__setattr__(self, name, value)
+        check_fields(self)  # frozen or not: the values are stored normalised (3.0 -> 3)
 
     @property
     def guided(self) -> bool:

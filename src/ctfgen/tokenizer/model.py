@@ -16,33 +16,29 @@ import torch.nn.functional as F
 
 from ctfgen.checkpoint import PretrainedMixin
 from ctfgen.errors import CtfgenError
-from ctfgen.validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_field_types, check_values
+from ctfgen.validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_fields, ruled
 
 CHECKPOINT_KIND = "vq-tokenizer"
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage buffer has this length whatever the codebook size
 GROUPS = 32  # GroupNorm groups (LlamaGen): every feature width must be a multiple of this
-CONFIG_RULES = {"codebook_size": Whole(1, MAX_VOCAB), "codebook_embed_dim": Whole(1, MAX_WIDTH),
-                "ch": Whole(1, MAX_WIDTH), "num_res_blocks": Whole(1, 64), "z_channels": Whole(1, MAX_WIDTH),
-                "commit_loss_beta": Real(0), "entropy_loss_ratio": Real(0), "dropout_p": PROBABILITY}
 
 
 @dataclass
 class VQConfig:
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
+    codebook_size: int = ruled(16384, Whole(1, MAX_VOCAB))
+    codebook_embed_dim: int = ruled(8, Whole(1, MAX_WIDTH))
     codebook_l2_norm: bool = True
-    commit_loss_beta: float = 0.25
-    entropy_loss_ratio: float = 0.0
-    ch: int = 128
+    commit_loss_beta: float = ruled(0.25, Real(0))
+    entropy_loss_ratio: float = ruled(0.0, Real(0))
+    ch: int = ruled(128, Whole(1, MAX_WIDTH))
     encoder_ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     decoder_ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    dropout_p: float = 0.0
+    num_res_blocks: int = ruled(2, Whole(1, 64))
+    z_channels: int = ruled(256, Whole(1, MAX_WIDTH))
+    dropout_p: float = ruled(0.0, PROBABILITY)
 
     def __post_init__(self):
-        check_field_types(self)
-        check_values(self, CONFIG_RULES)
+        check_fields(self)
         for name in ("encoder_ch_mult", "decoder_ch_mult"):
             mult = getattr(self, name)
             if not 1 <= len(mult) <= 8 or any(not 1 <= m or self.ch * m > MAX_WIDTH for m in mult):

@@ -25,6 +25,7 @@ import json
 import signal
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from ctfgen.checkpoint import TRAIN_STATE_NAME, check_weight_shapes, load_weights, remove_stale_writes, save_checkpoint
 from ctfgen.errors import CtfgenError
+from ctfgen.files import append_line, write_atomic
 from ctfgen.training.distributed import Runtime, all_gather_object, any_rank, barrier
 from ctfgen.training.state import (
     RUN_CONFIG_NAME,
@@ -47,7 +49,7 @@ from ctfgen.training.state import (
     load_train_state,
     restore_rng,
 )
-from ctfgen.validation import check_options, check_output
+from ctfgen.validation import check_output
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -72,7 +74,6 @@ class TrainingRun:
     progress bar; `snapshot_every` > 0 also keeps the weights of every N-th step under snapshots/."""
 
     def __init__(self, cfg, runtime: Runtime, name: str, snapshot_every: int = 0):
-        check_options(cfg)
         self.out = check_output(cfg.out, flag="--out", what="a training run", is_ours=is_run_dir, overwrite=True)
         self.cfg, self.runtime, self.name, self.snapshot_every = cfg, runtime, name, snapshot_every
         self.checkpoint_dir = self.out / "checkpoint"
@@ -110,8 +111,8 @@ class TrainingRun:
 
     def __enter__(self) -> TrainingRun:
         if self.runtime.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / RUN_CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+            config = json.dumps(asdict(self.cfg), indent=2) + "\n"
+            write_atomic(self.out / RUN_CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
         self._stop = StopFlag()
         self._bar = tqdm(total=self.cfg.steps, initial=self.start_step, desc=self.name, unit="step",
                          dynamic_ncols=True, disable=not (self.cfg.progress and self.runtime.is_main))
@@ -124,8 +125,7 @@ class TrainingRun:
     def log(self, metrics: dict) -> None:
         """Append one line to metrics.jsonl (rank 0 writes it)."""
         if self.runtime.is_main:
-            with (self.out / METRICS_NAME).open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_line(self.out / METRICS_NAME, json.dumps(metrics))
 
     def show(self, **figures) -> None:
         """Figures beside the progress bar."""

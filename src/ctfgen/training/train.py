@@ -35,10 +35,10 @@ from ctfgen.models.blocks import TransformerBlock
 from ctfgen.models.config import GPT_PRESETS, gpt_config
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
-from ctfgen.seeding import DROPOUT, VIEWS, derived_generator, derived_seed
 from ctfgen.training.distributed import Runtime, all_reduce_sum, launched
 from ctfgen.training.run import TrainingRun
 from ctfgen.training.schedule import LR_SCHEDULES, learning_rate
+from ctfgen.validation import DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, SEED, Real, check_fields
 
 STAGES = ("baseline", "stage1", "stage2")
 
@@ -56,37 +56,42 @@ class TrainConfig:
     map: str | None = field(default=None, metadata={"help": "coarse map from `ctfgen cluster` (stage1, stage2)"})
     eval_codes: str | None = field(default=None, metadata={
         "help": "held-out codes for loss/accuracy every --eval-every steps"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps", "rule": POSITIVE})
     batch_size: int = field(default=64, metadata={"help": "sequences per step, over all processes and accumulation "
-                                                          "steps"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches per step"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (after warm-up)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the weight matrices"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
+                                                          "steps", "rule": POSITIVE})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches per step",
+                                                 "rule": POSITIVE})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (after warm-up)", "rule": RATE})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the weight matrices",
+                                                        "rule": Real(0)})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "rule": DECAY})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "rule": DECAY})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this", "rule": RATE})
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps", "rule": NON_NEGATIVE})
     lr_schedule: str = field(default="constant", metadata={
         "help": "after warm-up: constant (LlamaGen) or cosine decay to lr / 10 at the last step",
         "choices": LR_SCHEDULES})
     class_dropout: float = field(default=0.1, metadata={
-        "help": "probability of dropping the class label (trains the unconditional side of classifier-free guidance)"})
+        "help": "probability of dropping the class label (trains the unconditional side of classifier-free guidance)",
+        "rule": PROBABILITY})
     dropout: float | None = field(default=None, metadata={
-        "help": "token, residual and FFN dropout instead of the preset's (LlamaGen: 0.1)"})
+        "help": "token, residual and FFN dropout instead of the preset's (LlamaGen: 0.1)", "rule": DECAY})
     reveal: bool = field(default=False, metadata={
         "help": "stage2: a refiner that also reads revealed fine tokens, trained with a random share of each grid "
                 "revealed (MaskGIT's cosine schedule), for sampling in several steps (--stage2-steps)"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 disables"})
-    eval_every: int = field(default=500, metadata={"help": "held-out loss/accuracy every N steps (with --eval-codes)"})
-    eval_items: int = field(default=2000, metadata={"help": "held-out items scored each time"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 disables", "rule": DECAY})
+    eval_every: int = field(default=500, metadata={"help": "held-out loss/accuracy every N steps (with --eval-codes)",
+                                                   "rule": POSITIVE})
+    eval_items: int = field(default=2000, metadata={"help": "held-out items scored each time", "rule": POSITIVE})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (also at the end and on "
-                                                           "SIGTERM/SIGINT)"})
+                                                           "SIGTERM/SIGINT)", "rule": POSITIVE})
     snapshot_every: int = field(default=0, metadata={
-        "help": "also keep the weights of every N-th step under snapshots/ (0: never)"})
+        "help": "also keep the weights of every N-th step under snapshots/ (0: never)", "rule": NON_NEGATIVE})
     views: int = field(default=0, metadata={
-        "help": "train on the first N stored views of each image (1: without the mirrors); 0: all"})
-    log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps"})
-    seed: int = field(default=0, metadata={"help": "initial weights, data order and dropout masks"})
+        "help": "train on the first N stored views of each image (1: without the mirrors); 0: all",
+        "rule": NON_NEGATIVE})
+    log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps", "rule": POSITIVE})
+    seed: int = field(default=0, metadata={"help": "initial weights, data order and dropout masks", "rule": SEED})
     precision: str = field(default="auto", metadata={
         "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.backends.precision)",
         "choices": PRECISIONS})
@@ -100,6 +105,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (~30 s once, then ~1.2x faster on a CPU)"})
     progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 class StageData:
@@ -165,7 +173,7 @@ def step_micro_batches(data: StageData, sampler: StepBatchSampler, step: int, n_
     """This process's share of step `step`'s batch as cfg.grad_accum micro-batches of (inputs, labels, targets) on
     `device`. The items and the stored view of each (the image or its mirror) depend only on (seed, step)."""
     batch = sampler.global_indices(step)
-    views = torch.randint(n_views, (len(batch),), generator=derived_generator(cfg.seed, VIEWS, step))
+    views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     local = sampler.local_slice()
     index, views = batch[local], views[local]
     return [tuple(t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
@@ -257,7 +265,7 @@ def train_in(cfg: TrainConfig, runtime: Runtime) -> dict:
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
     saved = run.start(model, optimizer, extra_state=lambda: {} if ema is None else {"ema": full_tensors(ema)})
     if saved is None:
-        torch.manual_seed(derived_seed(cfg.seed, DROPOUT, runtime.rank))  # dropout masks differ between ranks
+        torch.manual_seed(cfg.seed * 1000 + runtime.rank + 1)  # dropout masks differ between ranks
     elif ema is not None and "ema" in saved:
         ema = {k: load_like(saved["ema"][k], v) for k, v in ema.items()}
 
