@@ -158,6 +158,60 @@ def test_a_failing_preview_fails_the_call_not_the_server(pipe):
         batcher.close()
 
 
+def test_without_a_preview_each_request_gets_its_rows_of_the_tokens_so_far(pipe):
+    """With no picture to draw, the batcher still streams to each request the tokens so far of its own images (the
+    coarse labels, or the baseline's tokens), every `progress_every` tokens and after the last, without pixels."""
+    for mode in ("ctf", "baseline"):
+        batcher = Batcher(pipe, max_batch=16, progress_every=20)
+        try:
+            with batcher.pipeline():
+                jobs = [batcher.submit(request(classes, seed, mode)) for classes, seed in (([0, 3], 4), ([7], 9))]
+            updates = [list(job.updates(timeout=120)) for job in jobs]
+        finally:
+            batcher.close()
+        assert batcher.calls == 1
+        for (*progress, out) in updates:
+            grid = (out.coarse if mode == "ctf" else out.tokens).flatten(1)
+            steps = [update.step for update in progress]
+            assert steps and set(steps) <= {20, 40, 60, 64} and steps == sorted(steps) and steps[-1] == 64
+            for update in progress:  # a slow reader may skip to the newest, never to another request's rows
+                assert update.pixels is None and torch.equal(update.tokens, grid[:, :update.step])
+
+
+def test_close_answers_the_waiting_requests_and_refuses_new_ones(pipe):
+    """Closing lets the call that runs finish; the requests still waiting hear at once that the server is shutting
+    down, and so does any request sent after."""
+    batcher = Batcher(pipe, max_batch=1)
+    closing = threading.Thread(target=batcher.close)
+    with batcher.pipeline():  # the worker takes the first request, then waits for the pipeline
+        first = batcher.submit(request([0], 0))
+        for _ in range(200):
+            if batcher.waiting == 0:
+                break
+            threading.Event().wait(0.05)
+        waiting = [batcher.submit(request([c], 0)) for c in (1, 2)]
+        closing.start()
+        for job in waiting:
+            with pytest.raises(CtfgenError, match="the server is shutting down"):
+                job.result(timeout=10)
+        with pytest.raises(CtfgenError, match="the server is shutting down"):
+            batcher.submit(request([3], 0))
+    closing.join(timeout=120)
+    assert not closing.is_alive() and batcher.calls == 1
+    assert first.result(timeout=10).labels.tolist() == [0]
+
+
+def test_a_request_larger_than_a_call_is_refused_and_the_server_serves_on(pipe):
+    batcher = Batcher(pipe, max_batch=4)
+    try:
+        with pytest.raises(CtfgenError, match="5 images in one request; at most 4"):
+            batcher.submit(request([0, 1, 2, 3, 4], 0))
+        assert batcher.waiting == 0
+        assert batcher.submit(request([0, 1, 2, 3], 0)).result(timeout=120).labels.tolist() == [0, 1, 2, 3]
+    finally:
+        batcher.close()
+
+
 def test_progress_streams_the_coarse_tokens_then_the_images(pipe, demo):
     frames = [(f.status, f.images["ctf"].copy()) for f in demo.generate(*form())]
     expected = pipe(["Sneaker"], per_class=2, seed=3, output_type="pt")

@@ -1,6 +1,7 @@
 """The shipped Fashion-MNIST pipeline (pretrained/fmnist) loads, its parts agree, and what it draws is
 recognisable: the shipped classifier names the class that was asked for in most samples."""
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -11,17 +12,27 @@ import torch
 
 from ctfgen.evaluation import extract_features, load_feature_network
 from ctfgen.pipeline import CTFPipeline
+from ctfgen.sampling.params import SamplingParams
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "fmnist"
 
-# sha256 of the token grids of 4 images (classes 0..3, seed 0, default settings) of the shipped pipeline, with its
-# transformers in float64 so that no CPU kind's float rounding (AVX2 / AVX-512 / AMX blocks matmuls differently)
-# can flip a token: no change alters samples silently. After retraining or exporting the shipped weights (or a
-# deliberate change to sampling), regenerate with `OMP_NUM_THREADS=1 .venv/bin/python tests/test_shipped.py` and
-# paste its output here.
+# sha256 of the token grids of 4 images (classes 0..3, seed 0) of the shipped pipeline in each mode, and of the
+# CTF images' stage-1 previews, with the default settings (SAMPLE_SHA256) and with every sampling setting changed
+# (TUNED, TUNED_SHA256). The transformers and the previews' decoder run in float64 so that no CPU kind's float
+# rounding (AVX2 / AVX-512 / AMX blocks matmuls differently) can flip a token or a pixel: no change alters samples
+# silently. After retraining or exporting the shipped weights (or a deliberate change to sampling), regenerate with
+# `OMP_NUM_THREADS=1 .venv/bin/python tests/test_shipped.py` and paste its output here.
 SAMPLE_SHA256 = {
     "ctf": "503a4c16141c0db0ea4c943e73b836931639ca476b7feb21391df6f5a9ad42c3",
     "baseline": "f92a48809ffb0832d35f8889a49259002da72cc664554275a4b2d3b4d1cad67d",
+    "ctf_preview": "4d50fbd265079b92a32293fc29c5d6c57c44b5a9722600fa21fd9811d67bfd46",
+}
+TUNED = {"sampling": SamplingParams(temperature=0.8, top_k=50, top_p=0.9, cfg_scale=3.0),
+         "stage2_sampling": SamplingParams(temperature=0.7, top_k=8)}
+TUNED_SHA256 = {
+    "ctf": "1736d5d790efbd9f74e9fb04ed897977c5c7fdc4c8337d76d761683dcf356d3f",
+    "baseline": "04ea6b023a7f56fc3eba77a58805e3a8bf1fadd6c8989e575befccf4ecf80896",
+    "ctf_preview": "2ce492f5e041bed45d1a158ea8a1f99c81005c55f050050aae8a0b04a9324be3",
 }
 
 
@@ -35,10 +46,12 @@ def classifier():
     return load_feature_network("fmnist", classifier=SHIPPED / "classifier")
 
 
-def sample_checksums(pipe: CTFPipeline) -> dict[str, str]:
+def sample_checksums(pipe: CTFPipeline, **settings) -> dict[str, str]:
     exact = pipe.copy(torch.float64)
-    return {mode: hashlib.sha256(exact(range(4), mode=mode, seed=0, output_type="np").tokens.numpy().tobytes())
-            .hexdigest() for mode in SAMPLE_SHA256}
+    out = {mode: exact(range(4), mode=mode, seed=0, output_type="pt", **settings) for mode in ("ctf", "baseline")}
+    decoder = CTFPipeline(copy.deepcopy(pipe.tokenizer).double(), pipe.coarse_map, exact.stage1, exact.stage2)
+    arrays = {mode: o.tokens for mode, o in out.items()} | {"ctf_preview": decoder.decode_preview(out["ctf"].coarse)}
+    return {name: hashlib.sha256(array.numpy().tobytes()).hexdigest() for name, array in arrays.items()}
 
 
 def test_shipped_parts_agree(pipe):
@@ -59,9 +72,12 @@ def test_shipped_samples_are_recognisable(pipe, classifier, mode):
         assert len(out.previews) == len(labels) and not np.array_equal(out.previews, out.images)
 
 
-def test_shipped_samples_are_pinned(pipe):
-    assert sample_checksums(pipe) == SAMPLE_SHA256, "samples changed: if on purpose, regenerate SAMPLE_SHA256"
+@pytest.mark.parametrize("settings,pinned", [({}, SAMPLE_SHA256), (TUNED, TUNED_SHA256)], ids=["default", "tuned"])
+def test_shipped_samples_are_pinned(pipe, settings, pinned):
+    assert sample_checksums(pipe, **settings) == pinned, "samples changed: if on purpose, regenerate the checksums"
 
 
 if __name__ == "__main__":
-    print(json.dumps(sample_checksums(CTFPipeline.from_pretrained(SHIPPED)), indent=4))
+    shipped = CTFPipeline.from_pretrained(SHIPPED)
+    for name, settings in (("SAMPLE_SHA256", {}), ("TUNED_SHA256", TUNED)):
+        print(f"{name} = {json.dumps(sample_checksums(shipped, **settings), indent=4)}")

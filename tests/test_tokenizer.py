@@ -4,9 +4,11 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ctfgen.checkpoint import load_weights
 from ctfgen.errors import CtfgenError
@@ -129,11 +131,22 @@ def _train(out, data_dir, **overrides):
     return train_tokenizer(TokenizerTrainConfig(**(args | overrides)))
 
 
+def image_folder(root, n=40):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
 @pytest.mark.parametrize("restarts", [dict(), dict(codebook_size=1024, restart_every=1),
-                                      dict(codebook_size=1024, restart_every=3)])
+                                      dict(codebook_size=1024, restart_every=3), dict(data="folder")])
 def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fmnist, monkeypatch, restarts):
     """Also with dead codewords restarted after the resume (1024 codes: most are dead), from the usage counted before
-    the stop (restart_every 3: the window spans the stop at step 2)."""
+    the stop (restart_every 3: the window spans the stop at step 2), and on an image folder, whose random flips come
+    from the random state the checkpoint keeps."""
+    if restarts.get("data") == "folder":
+        restarts = dict(data=str(image_folder(tmp_path / "images")), image_size=16, batch_size=8)
     _train(tmp_path / "straight", fake_fmnist, **restarts)
 
     learning_rate = train_module.learning_rate

@@ -35,7 +35,7 @@ from ctfgen.errors import CtfgenError
 # Sizes beyond these are refused before anything is built: they are far beyond any model or dataset this
 # code serves (LlamaGen: 16384 codes, 1000 classes, 576 tokens, 48 layers), and a config or file claiming
 # more is corrupt or hostile, not a model to allocate.
-MAX_SEED = 2**32 - 1  # training derives seeds as seed * 100_003 + step: they must stay below 2**64
+MAX_SEED = 2**32 - 1  # a seed is one 32-bit word of the SeedSequence its streams derive from (ctfgen.seeding)
 MAX_VOCAB = 2**24
 MAX_CLASSES = 2**20
 MAX_TOKENS = 2**16  # image tokens per grid: 256 x 256

@@ -1,6 +1,6 @@
 """Deterministic data order that depends only on (seed, step): resuming needs no sampler state.
 
-Epoch e visits a permutation drawn from seed + e; each rank takes its share of every global
+Epoch e visits a permutation drawn from a generator seeded from (seed, e); each rank takes its share of every global
 batch, so one process with batch B and N processes with batch B/N see the same images per step.
 """
 
@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ctfgen.errors import CtfgenError
+from ctfgen.seeding import DATA_ORDER, derived_generator
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -28,7 +29,7 @@ class StepBatchSampler(Sampler[list[int]]):
         """The whole batch of `step`, over all processes."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = derived_generator(self.seed, DATA_ORDER, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n_items, generator=generator)
         return self._perm[position * self.global_batch:(position + 1) * self.global_batch]
 

@@ -12,14 +12,13 @@ of a request has its own generator, seeded from (the request's seed, i), which d
 for the autoregressive stage (stage 1 or the baseline) and then n_tokens for stage 2. An image's
 numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request;
 a call that merges several requests gives each image the (seed, i) pair of its own (`image_seeds`).
-Seeds and indices are 0 .. 2**32 - 1: numpy's SeedSequence reads the pair as the 32-bit words [seed, index],
-distinct for every pair in that range, whereas a larger seed's words would run into the index's (seed 2**32,
-image 0 would draw what seed 0, image 1 draws).
+Seeds and indices are 0 .. 2**32 - 1 (`ctfgen.seeding`): SeedSequence reads the pair as the 32-bit words
+[seed, index], distinct for every pair in that range, whereas a larger seed's words would run into the index's
+(seed 2**32, image 0 would draw what seed 0, image 1 draws).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ctfgen.backends.decoding import decode_backend
@@ -27,6 +26,7 @@ from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.sampling.params import SamplingParams
 from ctfgen.sampling.request import check_seed, checked_seeds
+from ctfgen.seeding import derived_generator
 from ctfgen.validation import MAX_SEED
 
 
@@ -59,12 +59,8 @@ def image_uniforms(seed: int, first: int, count: int, n_tokens: int) -> torch.Te
 
 def seeded_uniforms(seeds: list[tuple[int, int]], n_tokens: int) -> torch.Tensor:
     """The numbers of the images with these (base seed, index) pairs, as `image_uniforms` gives them."""
-    rows = []
-    for seed, index in seeds:
-        image_seed = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(image_seed))
-        rows.append(torch.rand(2, n_tokens, generator=generator, dtype=torch.float64))
-    return torch.stack(rows)
+    return torch.stack([torch.rand(2, n_tokens, generator=derived_generator(seed, index), dtype=torch.float64)
+                        for seed, index in seeds])
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

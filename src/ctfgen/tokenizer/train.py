@@ -21,6 +21,7 @@ from ctfgen.checkpoint import RESUME_FIX
 from ctfgen.data.batches import StepBatchSampler
 from ctfgen.data.datasets import collate_images, load_dataset
 from ctfgen.errors import CtfgenError
+from ctfgen.seeding import CODE_RESTARTS, derived_generator
 from ctfgen.tokenizer.discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
 from ctfgen.training.distributed import Runtime, all_reduce_sum, broadcast, launched
@@ -191,7 +192,7 @@ def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:
             if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
                 all_reduce_sum(usage, runtime)
                 # Seeded from (seed, step), as the data order: a resumed run restarts the same codewords.
-                generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+                generator = derived_generator(cfg.seed, CODE_RESTARTS, step)
                 n_restarted = restart_dead_codes(model, usage, q.latents, optimizer, runtime, generator)
                 used_fraction = float((usage > 0).float().mean())
                 usage.zero_()

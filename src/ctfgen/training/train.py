@@ -35,6 +35,7 @@ from ctfgen.models.blocks import TransformerBlock
 from ctfgen.models.config import GPT_PRESETS, gpt_config
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
+from ctfgen.seeding import DROPOUT, VIEWS, derived_generator, derived_seed
 from ctfgen.training.distributed import Runtime, all_reduce_sum, launched
 from ctfgen.training.run import TrainingRun
 from ctfgen.training.schedule import LR_SCHEDULES, learning_rate
@@ -173,7 +174,7 @@ def step_micro_batches(data: StageData, sampler: StepBatchSampler, step: int, n_
     """This process's share of step `step`'s batch as cfg.grad_accum micro-batches of (inputs, labels, targets) on
     `device`. The items and the stored view of each (the image or its mirror) depend only on (seed, step)."""
     batch = sampler.global_indices(step)
-    views = torch.randint(n_views, (len(batch),), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    views = torch.randint(n_views, (len(batch),), generator=derived_generator(cfg.seed, VIEWS, step))
     local = sampler.local_slice()
     index, views = batch[local], views[local]
     return [tuple(t.to(device) for t in data.batch(micro_index.tolist(), micro_views))
@@ -265,7 +266,7 @@ def train_in(cfg: TrainConfig, runtime: Runtime) -> dict:
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema else None
     saved = run.start(model, optimizer, extra_state=lambda: {} if ema is None else {"ema": full_tensors(ema)})
     if saved is None:
-        torch.manual_seed(cfg.seed * 1000 + runtime.rank + 1)  # dropout masks differ between ranks
+        torch.manual_seed(derived_seed(cfg.seed, DROPOUT, runtime.rank))  # dropout masks differ between ranks
     elif ema is not None and "ema" in saved:
         ema = {k: load_like(saved["ema"][k], v) for k, v in ema.items()}
 
