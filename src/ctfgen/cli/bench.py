@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from ctfgen.backends.precision import PRECISIONS
-from ctfgen.cli.common import add_json_flag, add_pipeline_flag, print_json
+from ctfgen.cli.common import add_json_flag, add_pipeline_flag, number_flag, print_json
 from ctfgen.sampling.params import STAGE1_DEFAULTS
+from ctfgen.validation import FINITE, POSITIVE
 
 
 def register(commands) -> None:
     bench = commands.add_parser("bench", help="images/s of CTF and the baseline, stage by stage")
     add_pipeline_flag(bench)
-    bench.add_argument("--batch", type=int, default=64, help="images per batch (default %(default)s)")
-    bench.add_argument("--cfg-scale", type=float, default=STAGE1_DEFAULTS.cfg_scale,
+    number_flag(bench, "--batch", POSITIVE, default=64, help="images per batch (default %(default)s)")
+    number_flag(bench, "--cfg-scale", FINITE, default=STAGE1_DEFAULTS.cfg_scale,
                        help="stage-1 guidance (default %(default)s)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up run; the median counts "
+    number_flag(bench, "--repeats", POSITIVE, default=3, help="timed runs after a warm-up run; the median counts "
                        "(default %(default)s)")
     bench.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA or "
                        "bf16-capable CPUs, fp32 elsewhere (default %(default)s)")
-    bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    number_flag(bench, "--threads", POSITIVE, help="torch threads (default: torch's choice)")
     bench.add_argument("--compile", action="store_true", help="time the torch.compile'd decode step (the warm-up "
                        "run pays the compile time)")
     add_json_flag(bench)
