@@ -11,7 +11,6 @@ from ctfgen.models.refiner import Refiner, refiner_config
 from ctfgen.sampling.decode import (
     filter_logits,
     generate,
-    generate_uncached,
     image_uniforms,
     member_table,
     refine,
@@ -19,9 +18,9 @@ from ctfgen.sampling.decode import (
     sample_categorical,
     sample_tokens,
     sample_within_clusters,
-    sample_within_clusters_loop,
 )
 from ctfgen.sampling.params import SamplingParams
+from reference import generate_uncached, sample_within_clusters_loop
 
 
 def random_gpt(vocab=32, block=16, seed=0):

@@ -146,21 +146,6 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
 
 
 @torch.no_grad()
-def generate_uncached(model: GPT, labels: torch.Tensor, *, cfg_scale: float = 1.0) -> torch.Tensor:
-    """Greedy decoding by re-running the full sequence every step: the reference for `generate`."""
-    b = len(labels)
-    use_cfg = cfg_scale > 1.0
-    cond = with_null_class(labels, model.config.null_class) if use_cfg else labels
-    tokens = torch.zeros(b, 0, dtype=torch.long, device=labels.device)
-    for _t in range(model.config.block_size):
-        seq = torch.cat([tokens, tokens.new_zeros(b, 1)], dim=1)  # the last token is never read
-        logits, _ = model(seq.repeat(2, 1) if use_cfg else seq, cond)
-        logits = logits[:, -1]
-        tokens = torch.cat([tokens, (guided(logits, cfg_scale) if use_cfg else logits).argmax(-1, keepdim=True)], 1)
-    return tokens
-
-
-@torch.no_grad()
 def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_of_fine: torch.Tensor,
            params: SamplingParams = SamplingParams(), *, restrict: bool = True,
            uniforms: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,20 +201,3 @@ def member_table(coarse_of_fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     table = members.new_zeros(len(sizes), int(sizes.max()))
     table[coarse_of_fine[members], rank] = members
     return table, sizes
-
-
-def sample_within_clusters_loop(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor,
-                                coarse_of_fine: torch.Tensor, params: SamplingParams,
-                                uniforms: torch.Tensor) -> torch.Tensor:
-    """`sample_within_clusters` cluster by cluster in a Python loop (what it replaced): the reference of the tests."""
-    flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
-    members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
-    bounds = torch.cumsum(torch.bincount(coarse_of_fine, minlength=int(coarse_of_fine.max()) + 1), 0).tolist()
-    order = torch.argsort(flat_coarse, stable=True)  # positions grouped by cluster
-    clusters, counts = torch.unique_consecutive(flat_coarse[order], return_counts=True)
-    fine = torch.empty_like(flat_coarse)
-    for cluster, positions in zip(clusters.tolist(), order.split(counts.tolist())):
-        ids = members[(bounds[cluster - 1] if cluster else 0):bounds[cluster]]
-        logits = refiner.member_logits(flat_hidden[positions], ids)
-        fine[positions] = ids[sample_tokens(logits, params, flat_uniforms[positions])]
-    return fine.view_as(coarse)
