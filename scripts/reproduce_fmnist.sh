@@ -69,7 +69,7 @@ wait
 $CTFGEN assemble --out "$OUT" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
   --stage1 "$RUNS/conv/stage1/snapshots/step_0004690" --stage2 "$RUNS/conv/stage2/snapshots/step_0004690" \
   --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16 --overwrite
-$PYTHON benchmarks/stage2_accuracy.py --refiner "$OUT/stage2" --map "$OUT/coarse_map_k128.safetensors" \
+$PYTHON experiments/stage2_accuracy.py --refiner "$OUT/stage2" --map "$OUT/coarse_map_k128.safetensors" \
   --train-codes "$RUNS/codes/train" --test-codes "$RUNS/codes/test" > "$DOCS/stage2_accuracy_k128.json"
 
 # 6b. The evaluation classifier (FID / IS / precision-recall features, trained on the training split;
@@ -132,13 +132,13 @@ done
 
 # 10. Figure 2 analog: FID (2,000 samples) against epochs, CTF vs baseline, at every snapshot (every half epoch)
 #     of the runs of step 5; points are cached in $RUNS/conv/fid_curve.jsonl.
-$PYTHON scripts/fid_curve.py --runs "$RUNS/conv" --pipeline "$OUT" --per-class 200 --every 2 --dtype bf16 \
+$PYTHON experiments/fid_curve.py --runs "$RUNS/conv" --pipeline "$OUT" --per-class 200 --every 2 --dtype bf16 \
   --out "$OUT/fid_curve.png" \
   > "$RUNS/eval/fid_curve.json"
 
 # 11. Table 3's sampling sweeps on the shipped pipeline, CTF and the baseline, 2,000 samples per setting (bf16;
 #     ~12 min on one thread).
-$PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 --dtype bf16 \
+$PYTHON experiments/sampling_sweep.py --pipeline "$OUT" --per-class 200 --dtype bf16 \
   --settings "" "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
              "mode=baseline" "mode=baseline,cfg_scale=1.5" "mode=baseline,cfg_scale=3" "mode=baseline,temperature=0.9" \
   > "$RUNS/eval/sweep.json"
@@ -147,7 +147,7 @@ $PYTHON scripts/sampling_sweep.py --pipeline "$OUT" --per-class 200 --dtype bf16
 #     replaced by an oracle), with K = 128 (the shipped pipeline) and K = 512 (8 codewords per cluster), whose
 #     stage 1 and stage 2 are trained like step 5 (side by side, one thread each; ~1 h 50 min); then 10,000
 #     samples of the K = 512 pipeline per seed, scored like step 7.
-$PYTHON benchmarks/stage2_oracle.py --pipeline "$OUT" --codes "$RUNS/codes/train" --n 2000 --dtype bf16 \
+$PYTHON experiments/stage2_oracle.py --pipeline "$OUT" --codes "$RUNS/codes/train" --n 2000 --dtype bf16 \
   > "$DOCS/oracle_k128.json"
 MAP512="$RUNS/kconv/coarse_map_k512.safetensors"
 [ -f "$MAP512" ] || $CTFGEN cluster --tokenizer "$OUT/tokenizer" --k 512 --seed 0 --out "$MAP512"
@@ -157,10 +157,10 @@ wait
 $CTFGEN assemble --out "$RUNS/kconv/pipe_k512" --overwrite --tokenizer "$OUT/tokenizer" --map "$MAP512" \
   --stage1 "$RUNS/kconv/stage1_k512/snapshots/step_0004690" --stage2 "$RUNS/kconv/stage2_k512/snapshots/step_0004690" \
   --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16
-$PYTHON benchmarks/stage2_oracle.py --pipeline "$RUNS/kconv/pipe_k512" --n 2000 --dtype bf16 \
+$PYTHON experiments/stage2_oracle.py --pipeline "$RUNS/kconv/pipe_k512" --n 2000 --dtype bf16 \
   --stage2-temperatures 1.0,0.5 > "$RUNS/eval/oracle_k512.json"
 for pipe in "$OUT" "$RUNS/kconv/pipe_k512"; do  # which history predicts the next coarse label better
-  $PYTHON benchmarks/coarse_nll.py --pipeline "$pipe" --n 2000
+  $PYTHON experiments/coarse_nll.py --pipeline "$pipe" --n 2000
 done > "$RUNS/eval/coarse_nll.json"
 # Table 1 again with the K = 512 row (the K = 128 draws of step 7 are reused from $RUNS/eval).
 $PYTHON experiments/table1.py --pipeline "$OUT" --k512-pipeline "$RUNS/kconv/pipe_k512" --runs "$RUNS/eval" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed-quality frontier (README "Speed"): the models beside the shipped ones, then benchmarks/frontier.py.
+# The speed-quality frontier (README "Speed"): the models beside the shipped ones, then experiments/frontier.py.
 # Needs the token grids of scripts/reproduce_fmnist.sh step 4 (runs/codes/{train,test}). Each training is
 # skipped when its last snapshot exists and resumes when it was interrupted. Two jobs side by side with one
 # thread each (the rule of the reproduce script): ~100 min on 2 CPU cores. FIDs are cached under
@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-RUNS=runs  # benchmarks/frontier_points.json names the parts under runs/frontier
+RUNS=runs  # experiments/frontier_points.json names the parts under runs/frontier
 MAP=pretrained/fmnist/coarse_map_k128.safetensors
 TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --views 1 --steps 4690 --batch-size 64
        --lr 5e-4 --warmup-steps 100 --lr-schedule cosine --dropout 0 --eval-every 469 --eval-items 2000
@@ -24,5 +24,5 @@ train stage2_s --stage stage2 --model GPT-S --map $MAP &                 # the f
   train stage2_tiny --stage stage2 --model GPT-tiny --map $MAP ) &       # the small refiner for GPT-XS
 wait
 # On a quiet machine (the timing is interleaved, but other jobs still slow it): FIDs of 10,000 samples, speed.
-$PYTHON benchmarks/frontier.py --points benchmarks/frontier_points.json --cache "$RUNS/frontier/fid" \
+$PYTHON experiments/frontier.py --points experiments/frontier_points.json --cache "$RUNS/frontier/fid" \
   --json docs/results/frontier.json --plot docs/frontier.png

@@ -1,25 +1,23 @@
-"""benchmarks/frontier.py's verdict: CTF dominates only when every baseline point, at every batch size, has a CTF
-point with a lower FID and at least its images/s."""
+"""The frontier's verdict (experiments/frontier.py): CTF dominates only when every baseline point, at every batch
+size, has a CTF point with a lower FID and at least its images/s."""
 
-import importlib.util
-from pathlib import Path
+from ctfgen.evaluation.frontier import pareto
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
-spec = importlib.util.spec_from_file_location("frontier", SCRIPT)
-frontier = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(frontier)
+BATCHES = (1, 16, 64)
 
 
 def point(name, method, fid, speed):
-    return {"name": name, "method": method, "fid": fid, "images_per_s": {str(b): speed * b for b in frontier.BATCHES}}
+    return {"name": name, "method": method, "fid": fid, "images_per_s": {str(b): speed * b for b in BATCHES}}
 
 
 def test_pareto_needs_a_better_and_as_fast_ctf_point_for_every_baseline_point():
     base = [point("b-small", "baseline", 40, 10), point("b-large", "baseline", 30, 4)]
     fast_good = point("c-small", "ctf", 39, 10)  # as fast as b-small, better
-    assert frontier.pareto(base + [fast_good])["ctf_dominates_baseline"] is False  # nothing beats b-large
-    verdict = frontier.pareto(base + [fast_good, point("c-large", "ctf", 29, 4.5)])
+    assert pareto(base + [fast_good])["ctf_dominates_baseline"] is False  # nothing beats b-large
+    verdict = pareto(base + [fast_good, point("c-large", "ctf", 29, 4.5)])
     assert verdict["ctf_dominates_baseline"] is True
     assert verdict["dominating_ctf_points"]["b-large @ batch 64"] == ["c-large"]
+    every = {f"{name} @ batch {b}" for name in ("b-small", "b-large") for b in BATCHES}
+    assert set(verdict["dominating_ctf_points"]) == every  # each baseline point at each batch size
     # equal FID is not better; slower is not enough
-    assert not frontier.pareto(base + [point("c", "ctf", 30, 100), point("d", "ctf", 1, 3.9)])["ctf_dominates_baseline"]
+    assert not pareto(base + [point("c", "ctf", 30, 100), point("d", "ctf", 1, 3.9)])["ctf_dominates_baseline"]

@@ -1,9 +1,9 @@
 """The speed-quality frontier: FID against images/s for the baseline at several sizes and CTF with a full and a
 small refiner, at batch 1, 16 and 64, and the time to the first preview and to the final image at batch 1.
 
-    python benchmarks/frontier.py --points benchmarks/frontier_points.json \
+    python experiments/frontier.py --points experiments/frontier_points.json \
         --json docs/results/frontier.json --plot docs/frontier.png
-    python benchmarks/frontier.py --plot-only --json docs/results/frontier.json --plot docs/frontier.png   # redraw
+    python experiments/frontier.py --plot-only --json docs/results/frontier.json --plot docs/frontier.png   # redraw
 
 `--points` names each point's parts (checkpoint directories; the tokenizer, coarse map and class names come from
 `pipeline`) and the line it belongs to. Speed: every point at every batch size, timed interleaved (repeat r runs
@@ -33,6 +33,7 @@ import torch
 from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
+from ctfgen.evaluation.frontier import pareto
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
@@ -151,19 +152,6 @@ def speed(points: list[dict], dtype: str, repeats: int) -> None:
             point[key] = statistics.median(values) if values else None
 
 
-def pareto(points: list[dict]) -> dict:
-    """For each baseline point and batch size, the CTF points with a lower FID and at least its images/s."""
-    ctf = [p for p in points if p["method"] == "ctf"]
-    verdict, dominated = {}, True
-    for base in (p for p in points if p["method"] == "baseline"):
-        for b in map(str, BATCHES):
-            better = [c["name"] for c in ctf
-                      if c["fid"] < base["fid"] and c["images_per_s"][b] >= base["images_per_s"][b]]
-            verdict[f"{base['name']} @ batch {b}"] = better
-            dominated &= bool(better)
-    return {"ctf_dominates_baseline": dominated, "dominating_ctf_points": verdict}
-
-
 def table(points: list[dict]) -> str:
     rows = ["| point | params (M) | FID | images/s @1 | @16 | @64 | batch 1: first preview | final image |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -211,7 +199,7 @@ def plot(result: dict, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", default="benchmarks/frontier_points.json")
+    parser.add_argument("--points", default="experiments/frontier_points.json")
     parser.add_argument("--per-class", type=int, default=1000, help="FID samples per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cpu_has_fast_bf16() else "fp32")

@@ -1,7 +1,7 @@
 """Stage-2 top-1 fine-token accuracy on held-out codes, given the true coarse labels, against
 the trivial rule "always pick the cluster's most frequent member" (counted on the training codes).
 
-    python benchmarks/stage2_accuracy.py --refiner runs/stage2/checkpoint --map MAP \
+    python experiments/stage2_accuracy.py --refiner runs/stage2/checkpoint --map MAP \
         --train-codes runs/codes/train --test-codes runs/codes/test
 """
 

@@ -1,7 +1,7 @@
 """Which history predicts the next coarse label better: the coarse labels before it (stage 1), or the fine tokens
 before it (the baseline, its distribution over fine tokens summed within each cluster)?
 
-    python benchmarks/coarse_nll.py --pipeline runs/kconv/pipe_k512 --codes runs/codes/test --n 2000
+    python experiments/coarse_nll.py --pipeline runs/kconv/pipe_k512 --codes runs/codes/test --n 2000
 
 On the first `--n` grids of `--codes` (the held-out ones), teacher-forced, conditional on the true class: the
 mean negative log-likelihood (nats per token) and top-1 accuracy of each position's true coarse label under

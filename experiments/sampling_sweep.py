@@ -1,7 +1,7 @@
 """Sampling settings against FID (the paper's Table 3 sweeps of the stage-1 and stage-2 temperatures, CFG
 scale and stage-2 top-k).
 
-    python scripts/sampling_sweep.py --pipeline pretrained/fmnist --per-class 200 --dtype bf16 \
+    python experiments/sampling_sweep.py --pipeline pretrained/fmnist --per-class 200 --dtype bf16 \
         --settings "" "cfg_scale=1.5" "cfg_scale=3" "temperature=0.9" "stage2_temperature=0.5" "stage2_top_k=3" \
                    "mode=baseline" "mode=baseline,cfg_scale=3" "mode=baseline,temperature=0.9"
 

@@ -1,6 +1,6 @@
 """Where CTF's FID comes from: stage 2 alone, on the true coarse grids of real images.
 
-    python benchmarks/stage2_oracle.py --pipeline pretrained/fmnist --codes runs/codes/train --n 2000
+    python experiments/stage2_oracle.py --pipeline pretrained/fmnist --codes runs/codes/train --n 2000
 
 Takes the token grids of `--n` real images (a fixed random subset of `--codes`), and scores with `ctfgen eval`'s
 metrics against the test split: (1) their reconstructions by the tokenizer (the floor at this n), (2) the images

@@ -1,6 +1,6 @@
 """FID against training progress, CTF vs the baseline (the paper's Figure 2, in small).
 
-    python scripts/fid_curve.py --runs runs/conv --pipeline pretrained/fmnist --per-class 200 \
+    python experiments/fid_curve.py --runs runs/conv --pipeline pretrained/fmnist --per-class 200 \
         --out pretrained/fmnist/fid_curve.png
 
 Scores the snapshots that `ctfgen train --snapshot-every` wrote under `<runs>/{baseline,stage1,stage2}/snapshots/
