@@ -8,11 +8,11 @@ import argparse
 import sys
 import warnings
 
-from ctfgen.cli import bench, data, evaluate, sample, serve, tokenizer, train
+from ctfgen.cli import bench, data, evaluate, fit, sample, serve, tokenizer, train
 from ctfgen.errors import CtfgenError
 
 # In the order `ctfgen --help` lists them: from the tokenizer to the trained pipeline and its evaluation.
-COMMAND_GROUPS = (tokenizer, data, train, sample, bench, serve, evaluate)
+COMMAND_GROUPS = (tokenizer, data, train, fit, sample, bench, serve, evaluate)
 
 
 class _Parser(argparse.ArgumentParser):

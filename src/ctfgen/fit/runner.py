@@ -1,0 +1,177 @@
+"""Running a fit: the folder, the choices and the data checked first (a refusal leaves nothing written), then each
+step in order. A step done before with the same inputs is skipped; a training interrupted (even by SIGKILL) resumes
+from its last checkpoint, exactly; a step whose inputs changed is redone, with every step after it that reads it, and
+the line says why. One line as each step starts and one as it ends, with its time; progress bars in between.
+
+Under torchrun every process runs this: the main one decides and writes, and the heavy steps run on all of them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ctfgen.errors import CtfgenError
+from ctfgen.fit.data import FitData, fmnist_data, folder_fingerprint, is_data_dir, scan_folder
+from ctfgen.fit.presets import PRESETS, FitConfig, resolve
+from ctfgen.fit.state import FitState
+from ctfgen.fit.steps import Context, Step, plan, step_fingerprint
+from ctfgen.training.distributed import Runtime, all_gather_object, barrier, launched
+
+
+@dataclass
+class FitRequest:
+    data: str
+    out: str
+    preset: str = "small"
+    tokenizer: str | None = None  # reuse this tokenizer instead of training one
+    overrides: dict = field(default_factory=dict)  # FitConfig fields: the --config file's, then the flags'
+    inception_weights: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    command: str = "ctfgen fit"
+
+
+def say(text: str) -> None:
+    print(f"ctfgen fit: {text}", flush=True)
+
+
+def fit(request: FitRequest) -> dict | None:
+    """Run (or finish) the fit of `request`; the report's figures on the main process, None on the others."""
+    if request.preset not in PRESETS:
+        raise CtfgenError(f"unknown --preset {request.preset!r}; use one of {', '.join(PRESETS)}")
+    with launched(request.device) as runtime:
+        return run_fit(request, runtime)
+
+
+def run_fit(request: FitRequest, runtime: Runtime) -> dict | None:
+    tic = time.perf_counter()
+    state = layout = None
+    if runtime.is_main:
+        state, config, data, layout, data_inputs = prepare(request)
+        state.begin(command=request.command, preset=request.preset, data=_summary(data), config=asdict(config))
+        shared = (config, data, data_inputs)
+    config, data, data_inputs = all_gather_object(shared if runtime.is_main else None, runtime)[0]
+    ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command, request.preset,
+                  request.tokenizer, request.inception_weights, layout)
+    steps = plan(ctx, data_inputs)
+    for number, step in enumerate(steps, 1):
+        label = f"[{number}/{len(steps)}] {step.name}"
+        action, why = all_gather_object(decide(state, step) if runtime.is_main else None, runtime)[0]
+        if action == "skip":
+            if runtime.is_main:
+                record = state.step(step.name)
+                ctx.results[step.name], ctx.seconds[step.name] = record.get("result", {}), record.get("seconds")
+                say(f"{label}: done before with the same inputs, skipped")
+            continue
+        if runtime.is_main:
+            if action == "run" and step.run_dir is not None and step.run_dir.exists():
+                shutil.rmtree(step.run_dir)  # another fingerprint's run (ours: inside the fit's folder)
+            state.started(step.name, step.fingerprint, step.inputs)
+            say(f"{label}: {step.what}" + (f" ({why})" if why else ""))
+        barrier(runtime)
+        started = time.perf_counter()
+        result = step.run(ctx, action == "resume") if step.heavy or runtime.is_main else None
+        barrier(runtime)
+        if runtime.is_main:
+            seconds = time.perf_counter() - started
+            ctx.results[step.name], ctx.seconds[step.name] = result, round(seconds, 2)
+            state.done(step.name, step.fingerprint, step.inputs, seconds, result)
+            say(f"{label}: done in {_duration(seconds)}")
+    if not runtime.is_main:
+        return None
+    say(f"finished in {_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
+        f"{ctx.out / 'report.md'}")
+    return ctx.results["report"]
+
+
+def prepare(request: FitRequest) -> tuple[FitState, FitConfig, FitData, dict | None, dict]:
+    """The fit's state, choices and data, every check done and nothing written yet: (state, config, data, the
+    layout to write when the data step must run, the data step's options)."""
+    state = FitState.open(request.out)
+    out = Path(request.out)
+    codebook, downsample = None, None
+    if request.tokenizer:
+        from ctfgen.tokenizer.model import VQModel
+
+        tokenizer = VQModel.from_pretrained(request.tokenizer)
+        codebook, downsample = tokenizer.config.codebook_size, tokenizer.config.downsample
+    given = dict(request.overrides)
+    early = resolve(request.preset, 1, 1, given, codebook_of_tokenizer=codebook)  # bad choices, before the data
+    layout = None
+    if request.data == "fmnist":
+        if given.get("image_size", 32) != 32:
+            raise CtfgenError("Fashion-MNIST is 32x32 (28x28 padded as the bundled set); leave out --image-size")
+        data = fmnist_data()
+        data_inputs = {"source": "fmnist", "images": data.fingerprint}
+    else:
+        images = folder_fingerprint(request.data, early.held_out, early.seed)
+        data_inputs = {"source": str(Path(request.data).resolve()), "held_out": early.held_out, "seed": early.seed,
+                       "images": images}
+        record = state.step("data")
+        if (record and record.get("state") == "done" and is_data_dir(out / "data")
+                and record.get("fingerprint") == step_fingerprint("data", {"options": data_inputs, "reads": {}})):
+            data = FitData(**record["result"])  # checked and laid out before: not decoded again
+        else:
+            data, layout = scan_folder(request.data, early.held_out, early.seed, images, out / "data",
+                                       progress=request.progress)
+            for entry in data.skipped:
+                say(f"skipping unreadable image {entry['path']} ({entry['reason']})")
+        if data.skipped:
+            say(f"{len(data.skipped)} unreadable image(s) skipped")
+    config = resolve(request.preset, data.n_train, data.n_val, given, codebook_of_tokenizer=codebook,
+                     data_defaults={"image_size": 32} if data.fmnist_like else None)
+    if downsample is None:
+        from ctfgen.tokenizer.model import VQ_PRESETS
+
+        downsample = VQ_PRESETS[config.tokenizer_model].downsample
+    if data.source != "fmnist" and config.image_size % downsample:
+        raise CtfgenError(f"image_size {config.image_size} is not a multiple of the tokenizer's downsampling "
+                          f"({downsample}); choose a multiple of {downsample}")
+    say(f"{request.preset} preset: {data.n_train} training images, {data.n_val} held out ({data.held_out}), "
+        f"{len(data.classes)} classes")
+    return state, config, data, layout, data_inputs
+
+
+def decide(state: FitState, step: Step) -> tuple[str, str]:
+    """("skip" | "resume" | "run", why) for a step, from what fit.json says of it."""
+    from ctfgen.checkpoint import TRAIN_STATE_NAME, checkpoint_step
+
+    record = state.step(step.name)
+    if record is None:
+        return "run", ""
+    if record.get("fingerprint") == step.fingerprint:
+        if record.get("state") == "done":
+            if step.output is None or step.output.exists():
+                return "skip", ""
+            return "run", f"redone: {step.output} is missing"
+        checkpoint = step.run_dir / "checkpoint" if step.run_dir else None
+        if checkpoint is not None and (checkpoint / TRAIN_STATE_NAME).is_file():
+            return "resume", f"resuming the interrupted run from step {checkpoint_step(checkpoint)}"
+        return "run", "interrupted before: started again"
+    return "run", f"redone: {changes(record.get('inputs') or {}, step.inputs)}"
+
+
+def changes(before: dict, now: dict) -> str:
+    """What differs between a step's recorded inputs and its inputs now, in words."""
+    old, new = before.get("options") or {}, now["options"]
+    words = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+             if old.get(key) != new.get(key)]
+    old_reads = before.get("reads") or {}
+    words += [f"the {name} step changed" for name, fp in now["reads"].items() if old_reads.get(name) != fp]
+    return "; ".join(words) or "its inputs changed"
+
+
+def _summary(data: FitData) -> dict:
+    summary = data.to_dict()
+    summary["skipped"] = len(data.skipped)
+    return summary
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"

@@ -1,0 +1,263 @@
+"""`ctfgen fit` end to end on a small colour folder of its own (classes of shapes, mixed sizes and modes, one corrupt
+file), with the tiny preset: the run, sampling its pipeline, a rerun that redoes nothing, a changed option, the
+refusals, and (slow) SIGKILLs during training followed by a rerun that gives the uninterrupted run's weights."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ctfgen import cli
+from ctfgen.checkpoint import load_weights
+from ctfgen.fit.data import scan_folder, write_layout
+
+SHAPES = {"circle": (230, 60, 40), "square": (40, 200, 80), "triangle": (60, 90, 240)}
+SIZES = [(20, 24), (40, 32), (64, 64), (33, 47)]
+MODES = ["RGB", "RGBA", "P", "L", "I;16", "JPEG"]
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def shape_image(kind: str, size: tuple, rng) -> Image.Image:
+    w, h = size
+    image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 60, 3)))
+    m = min(w, h)
+    cx, cy, r = w / 2 + int(rng.integers(-m // 8, m // 8 + 1)), h / 2, m * rng.uniform(0.25, 0.4)
+    draw = ImageDraw.Draw(image)
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=SHAPES[kind])
+    elif kind == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=SHAPES[kind])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=SHAPES[kind])
+    return image
+
+
+def make_shapes(root: Path, per_class: int = 12) -> Path:
+    """root/<shape>/<i>.png|jpg in every mode of MODES (RGBA, palette, grey, 16-bit grey, JPEG) and four sizes, and
+    one corrupt PNG."""
+    rng = np.random.default_rng(0)
+    for c, kind in enumerate(SHAPES):
+        (root / kind).mkdir(parents=True)
+        for i in range(per_class):
+            image, mode = shape_image(kind, SIZES[i % len(SIZES)], rng), MODES[(i + c) % len(MODES)]
+            if mode == "JPEG":
+                image.save(root / kind / f"{i}.jpg", quality=90)
+            elif mode == "I;16":
+                Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257).save(root / kind / f"{i}.png")
+            elif mode == "P":
+                image.convert("P", palette=Image.ADAPTIVE, colors=16).save(root / kind / f"{i}.png")
+            else:
+                image.convert(mode).save(root / kind / f"{i}.png")
+    (root / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    return root
+
+
+def run_fit(*args) -> tuple[int, str, str]:
+    """`ctfgen fit ...` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["fit", "--preset", "tiny", "--no-progress", *map(str, args)])
+    return status, out.getvalue(), err.getvalue()
+
+
+def step_lines(stdout: str, word: str) -> list[str]:
+    """The names of the steps whose line holds `word` ("skipped", "done in", "redone", "resuming")."""
+    return [line.split("] ")[1].split(":")[0] for line in stdout.splitlines() if "] " in line and word in line]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, shapes):
+    out = tmp_path_factory.mktemp("fit") / "run"
+    tic = time.perf_counter()
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out)
+    assert status == 0, stderr
+    return out, stdout, time.perf_counter() - tic
+
+
+STEPS = ["data", "tokenizer", "map", "codes", "stage1", "stage2", "baseline", "pipeline", "report"]
+
+
+def test_fit_tiny_end_to_end_then_sample(fitted, shapes, tmp_path):
+    out, stdout, seconds = fitted
+    assert step_lines(stdout, "done in") == STEPS
+    assert f"skipping unreadable image {shapes / 'square' / 'broken.png'}" in stdout
+    assert "1 unreadable image(s) skipped" in stdout
+    record = json.loads((out / "fit.json").read_text())
+    assert record["command"].startswith("ctfgen fit --preset tiny") and record["preset"] == "tiny"
+    assert [name for name, step in record["steps"].items() if step["state"] == "done"] == STEPS
+    assert record["config"]["k"] == 8 and record["config"]["codebook_size"] == 64
+    # 12 images per class, one corrupt square: 11 usable; 25% of each class held out (3, 3, 3).
+    assert (record["data"]["n_train"], record["data"]["n_val"]) == (27, 9)
+    links = sorted((out / "data" / "train").rglob("*.*")) + sorted((out / "data" / "val").rglob("*.*"))
+    assert len(links) == 36 and all(p.is_symlink() for p in links)
+    assert {p.resolve() for p in links} == {p.resolve() for p in shapes.rglob("*.*") if p.name != "broken.png"}
+
+    from ctfgen.pipeline import CTFPipeline
+
+    pipe = CTFPipeline.from_pretrained(out / "pipeline")
+    assert pipe.class_names == list(SHAPES) and pipe.baseline is not None and pipe.grid == 8
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", "--pipeline", str(out / "pipeline"), "--per-class", "2", "--grid", str(grid)]) == 0
+    assert Image.open(grid).size[0] > 16
+
+    report = json.loads((out / "report.json").read_text())
+    assert np.isfinite(report["tokenizer"]["psnr"]) and 0 < report["tokenizer"]["codebook_usage"] <= 1
+    assert report["tokenizer"]["n_images"] == 9
+    assert set(report["training"]) == {"stage1", "stage2", "baseline"}
+    assert all(len(curve["eval_loss"]) == 4 for curve in report["training"].values())  # every 10 of 40 steps
+    assert report["fid"] == {} and any("no FID" in note for note in report["notes"])
+    assert {"report/samples_ctf.png", "report/samples_baseline.png"} <= set(report["figures"])
+    text = (out / "report.md").read_text()
+    assert "broken.png" in text and "![report/samples_ctf.png]" in text
+    print(f"tiny preset fit: {seconds:.1f}s")
+
+
+def test_rerun_redoes_nothing(fitted, shapes):
+    out, _, _ = fitted
+    weights = out / "pipeline" / "stage1" / "model.safetensors"
+    before = (json.loads((out / "fit.json").read_text())["steps"], weights.stat().st_mtime_ns)
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out)
+    assert status == 0, stderr
+    assert step_lines(stdout, "skipped") == STEPS and step_lines(stdout, "done in") == []
+    assert "skipping unreadable image" not in stdout  # the images were decoded once, by the first run
+    assert (json.loads((out / "fit.json").read_text())["steps"], weights.stat().st_mtime_ns) == before
+
+
+def test_changed_option_redoes_that_step_and_the_ones_after_it(fitted, shapes, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(fitted[0], out, symlinks=True)
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out, "--k", 4)
+    assert status == 0, stderr
+    assert step_lines(stdout, "skipped") == ["data", "tokenizer", "codes", "baseline"]
+    assert step_lines(stdout, "done in") == ["map", "stage1", "stage2", "pipeline", "report"]
+    assert "map: k-means of the 64 codewords into K = 4 clusters (redone: k 8 -> 4)" in stdout
+    assert "stage1: training GPT-tiny for 40 steps of 8 grids (redone: the map step changed)" in stdout
+    from ctfgen.pipeline import CTFPipeline
+
+    assert CTFPipeline.from_pretrained(out / "pipeline").coarse_map.k == 4
+
+
+def test_refusals_leave_nothing_written(tmp_path, shapes):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    status, _, stderr = run_fit("--data", shapes, "--out", foreign)
+    assert status == 2 and "is not empty and holds no ctfgen fit" in stderr and len(stderr.splitlines()) == 1
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    few = tmp_path / "few"
+    shutil.copytree(shapes, few)
+    for path in sorted((few / "circle").iterdir())[1:]:
+        path.unlink()
+    status, _, stderr = run_fit("--data", few, "--out", tmp_path / "out")
+    assert status == 2 and "class 'circle' has 1 usable image(s)" in stderr and len(stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "a" / "x.png").write_bytes(b"junk")
+    status, _, stderr = run_fit("--data", empty, "--out", tmp_path / "out")
+    assert status == 2 and "no usable image (1 unreadable" in stderr and not (tmp_path / "out").exists()
+
+    config = tmp_path / "fit.toml"
+    config.write_text("stpes = 3\n")
+    status, _, stderr = run_fit("--data", shapes, "--out", tmp_path / "out", "--config", config)
+    assert status == 2 and "unknown key 'stpes'" in stderr and not (tmp_path / "out").exists()
+
+
+def test_layout_links_and_pads_without_touching_the_originals(tmp_path):
+    """Links to the usable images, the held-out share drawn per class; images of Fashion-MNIST's kind (28x28 grey)
+    copied padded to 32x32; the originals' permissions untouched (a chmod through a link would change them)."""
+    colour = make_shapes(tmp_path / "colour", per_class=4)
+    (colour / "circle" / "0.png").chmod(0o600)
+    data, files = scan_folder(colour, 0.5, 0, "fp", tmp_path / "a" / "data", progress=False)
+    assert [len(per_class) for per_class in files["val"]] == [2, 2, 2] == [len(p) for p in files["train"]]
+    assert [entry["path"] for entry in data.skipped] == [str(colour / "square" / "broken.png")]
+    write_layout(data, files)
+    assert (colour / "circle" / "0.png").stat().st_mode & 0o777 == 0o600
+    assert not data.fmnist_like and (tmp_path / "a" / "data" / "train" / "circle" / "000000.png").is_symlink()
+
+    grey = tmp_path / "grey"
+    for name, value in (("dark", 60), ("light", 200)):
+        (grey / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), value + i, dtype=np.uint8)).save(grey / name / f"{i}.png")
+    data, files = scan_folder(grey, 0.3, 0, "fp", tmp_path / "b" / "data", progress=False)
+    write_layout(data, files)
+    assert data.fmnist_like and (data.n_train, data.n_val) == (4, 2)
+    copy = np.asarray(Image.open(next((tmp_path / "b" / "data" / "train" / "light").iterdir())))
+    assert copy.shape == (32, 32) and copy[2:30, 2:30].min() >= 200 and copy[:2].max() == 0 and copy[:, 30:].max() == 0
+
+
+def _weights(pipeline: Path) -> dict:
+    return {f"{part}.{name}": tensor for part in ("tokenizer", "stage1", "stage2", "baseline")
+            for name, tensor in load_weights(pipeline / part).items()}
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_rerun_gives_the_uninterrupted_weights(shapes, tmp_path):
+    """Killed (SIGKILL) during the tokenizer's training, then during stage 1's; each rerun resumes the run from its
+    last checkpoint, and the fit ends with the weights of a fit that was never interrupted."""
+    config = tmp_path / "longer.toml"
+    config.write_text("tokenizer_steps = 120\nsteps = 150\n")  # long enough to be killed in the middle
+    args = ["--data", shapes, "--config", config]
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "ctfgen.cli", "fit", "--preset", "tiny", "--no-progress", *map(str, args),
+               "--out", str(out)]
+    logs = []
+    for run in ("tokenizer", "stage1"):
+        logs.append(tmp_path / f"{run}.log")
+        with open(logs[-1], "w") as log:
+            proc = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        checkpoint = out / "runs" / run / "checkpoint" / "config.json"
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert json.loads((out / "fit.json").read_text())["steps"][run]["state"] == "started"  # killed mid-run
+    assert step_lines(logs[1].read_text(), "resuming") == ["tokenizer"]
+    status, stdout, stderr = run_fit(*args, "--out", out)
+    assert status == 0, stderr
+    assert step_lines(stdout, "resuming") == ["stage1"] and "tokenizer" in step_lines(stdout, "skipped")
+
+    status, _, stderr = run_fit(*args, "--out", tmp_path / "straight")
+    assert status == 0, stderr
+    killed, straight = _weights(out / "pipeline"), _weights(tmp_path / "straight" / "pipeline")
+    assert killed.keys() == straight.keys()
+    for name in killed:
+        assert torch.equal(killed[name], straight[name]), name
+
+
+@pytest.mark.slow
+def test_fit_on_fashion_mnist_scores_fid_with_the_shipped_classifier(fake_fmnist, tmp_path, monkeypatch):
+    """--data fmnist: the test split is the held-out set, and the shipped classifier's features give FID for CTF and
+    the baseline (the synthetic Fashion-MNIST of the tests: 256 training and 64 test images)."""
+    monkeypatch.setenv("CTFGEN_DATA", str(fake_fmnist))
+    config = tmp_path / "short.toml"
+    config.write_text("tokenizer_steps = 20\nsteps = 20\ngrid_per_class = 2\n")  # 32 px: 256 tokens a grid
+    status, stdout, stderr = run_fit("--data", "fmnist", "--out", tmp_path / "run", "--config", config)
+    assert status == 0, stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (report["data"]["n_train"], report["data"]["n_val"]) == (256, 64)
+    for mode in ("ctf", "baseline"):
+        scores = report["fid"][mode]
+        assert scores["features"] == "fmnist" and scores["n_samples"] == 80 and scores["n_ref"] == 64
+        assert np.isfinite(scores["fid"]) and scores["fid"] > 0
+    assert "| ctf | fmnist | 80 | 64 |" in (tmp_path / "run" / "report.md").read_text()
