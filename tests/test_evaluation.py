@@ -1,8 +1,11 @@
 """Evaluation: the metrics against direct, independent computations; sample files refused with one
 line; the reference-statistics cache; per-class figures; the shipped classifier's accuracy."""
 
+import importlib
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from ctfgen.evaluation.classifier import ClassifierConfig, FMNISTClassifier, aug
 from ctfgen.evaluation.features import FeatureNetwork
 from ctfgen.evaluation.image_metrics import psnr_per_image, ssim_per_image
 from ctfgen.evaluation.reference import fmnist_uint8
+from installed import require
 
 
 def error_line(capsys) -> str:
@@ -420,9 +424,13 @@ def test_inception_without_weights_is_one_line(fake_samples, monkeypatch, tmp_pa
     assert "missing.pth not found" in error_line(capsys)
 
 
+def require_torch_fidelity():
+    require([] if importlib.util.find_spec("torch_fidelity") else
+            ["torch-fidelity (pip install --no-deps torch-fidelity)"], "the Inception tests")
+
+
 def test_inception_weights_that_are_not_a_state_dict(fake_samples, tmp_path, capsys):
-    if importlib.util.find_spec("torch_fidelity") is None:
-        pytest.skip("torch-fidelity is not installed")
+    require_torch_fidelity()
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
     assert main(["eval", "--samples", str(fake_samples), "--features", "inception", "--inception-weights",
@@ -432,34 +440,150 @@ def test_inception_weights_that_are_not_a_state_dict(fake_samples, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    """torch-fidelity's Inception-v3 with random weights, saved like the real file (no download)."""
-    if importlib.util.find_spec("torch_fidelity") is None:
-        pytest.skip("torch-fidelity is not installed")
+    """torch-fidelity's Inception-v3 with seeded random weights, saved as the real weights file is (torch.save of
+    its state dict): nothing is downloaded. Every tensor is drawn: Kaiming-normal convolutions keep the activations'
+    scale through the network and the batch norms get random statistics and affine parameters. The pooled features
+    of any two images share a large mean; the classifier's rows are made orthogonal to it (measured on a few
+    images) and scaled to what differs between images, so that the class probabilities differ between images (an
+    Inception Score well above 1) instead of all favouring the same classes."""
+    require_torch_fidelity()
     from ctfgen.evaluation.features import inception_extractor_class
 
-    cls = inception_extractor_class()
-    module = __import__(cls.__module__, fromlist=["x"])
-    mp = pytest.MonkeyPatch()
-    mp.setattr(module, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
-    try:
-        model = cls("inception-v3-compat", ["2048"])
-    finally:
-        mp.undo()
-    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    class Unloaded(inception_extractor_class()):
+        def load_state_dict(self, *args, **kwargs):  # its constructor loads a weights file: the weights come below
+            return None
+
+    directory = tmp_path_factory.mktemp("inception")
+    torch.save({}, directory / "empty.pth")
+    model = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(directory / "empty.pth"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        (pool,) = model(torch.from_numpy(blocks(4, seed=9, patch=6)).permute(0, 3, 1, 2).contiguous())
+        mean = torch.nn.functional.normalize(pool.mean(0), dim=0)
+        spread = (pool - pool.mean(0)).norm(dim=1).mean()
+        weight = torch.randn(model.fc.weight.shape, generator=generator)
+        model.fc.weight.copy_((weight - (weight @ mean)[:, None] * mean) * 3 / spread)
+        model.fc.bias.normal_(0, 1.0, generator=generator)
+    path = directory / "weights.pth"
     torch.save(model.state_dict(), path)
     return path
 
 
-def test_inception_features_shapes(random_inception_weights):
+@pytest.fixture(scope="module")
+def torch_fidelity():
+    """torch-fidelity's package, the reference for the Inception figures. Its __init__ imports torchvision (for data
+    sets and other feature extractors) although its Inception-v3 and metric functions do not use it, and ctfgen
+    installs it without torchvision (pyproject.toml, the inception extra): where torchvision is missing, empty
+    stand-ins answer those imports while the package is imported, and are removed again."""
+    require_torch_fidelity()
+    with pytest.MonkeyPatch.context() as mp:
+        if importlib.util.find_spec("torchvision") is None:
+            stand_ins = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.datasets",
+                                                                   "torchvision.transforms",
+                                                                   "torchvision.transforms.functional")}
+            datasets = stand_ins["torchvision.datasets"]
+            datasets.CIFAR10 = datasets.CIFAR100 = datasets.STL10 = type("Unavailable", (), {})
+            for name, module in stand_ins.items():
+                mp.setitem(sys.modules, name, module)
+        for name in [name for name in sys.modules if name == "torch_fidelity" or name.startswith("torch_fidelity.")]:
+            mp.delitem(sys.modules, name)  # ctfgen may have imported its Inception module without the package
+        return importlib.import_module("torch_fidelity")
+
+
+class TorchFidelityInception:
+    """torch-fidelity's own Inception-v3, loaded from the weights file as torch-fidelity loads it, with ADM's spatial
+    features (sFID: the first 7 channels of `mixed_6/conv`, Mixed_6d's 1x1 branch, in (h, w, c) order) hooked out."""
+
+    def __init__(self, torch_fidelity, weights):
+        self.network = torch_fidelity.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+        self.network.Mixed_6d.branch1x1.register_forward_hook(self.keep_spatial)
+
+    def keep_spatial(self, module, inputs, output):
+        self.spatial = output[:, :7].permute(0, 2, 3, 1).reshape(len(output), 17 * 17 * 7)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [N, H, W, 3] -> pool [N, 2048], logits_unbiased [N, 1008], spatial [N, 2023] (float32)."""
+        pool, logits = self.network(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        return pool, logits, self.spatial
+
+
+def blocks(n: int, seed: int, patch: int) -> np.ndarray:
+    """n tiny uint8 images [n, 16, 16, 3]: a random colour, a square of another of side `patch`, noise."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 16, 16, 3), np.uint8)
+    for i in range(n):
+        image = np.broadcast_to(rng.integers(0, 256, 3), (16, 16, 3)).copy()
+        y, x = rng.integers(0, 16 - patch, 2)
+        image[y:y + patch, x:x + patch] = rng.integers(0, 256, 3)
+        images[i] = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255)
+    return images
+
+
+def test_inception_features_shapes(random_inception_weights, torch_fidelity):
     from ctfgen.evaluation.features import InceptionFeatures, extract_features
 
     network = InceptionFeatures(random_inception_weights)
-    images = np.random.default_rng(6).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    images = blocks(3, seed=6, patch=5)
     features = extract_features(network, images, batch_size=2)
     assert features.pool.shape == (3, 2048) and features.spatial.shape == (3, 7 * 17 * 17)
     assert features.probs.shape == (3, 1008) and np.allclose(features.probs.sum(1), 1, atol=1e-5)
     assert network.fingerprint.startswith("inception-")
+    pool, logits, spatial = TorchFidelityInception(torch_fidelity, random_inception_weights)(images)
+    np.testing.assert_allclose(features.pool, pool, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(features.spatial, spatial, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features.probs, torch.softmax(logits.double(), 1), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow  # about a minute of CPU, most of it the matrix square roots of FID and sFID (2048 and 2023 wide)
+def test_eval_with_inception_matches_torch_fidelity(random_inception_weights, torch_fidelity, cache, tmp_path,
+                                                    capsys):
+    """`ctfgen eval --features inception --ref` an ADM reference batch (its images, and statistics made elsewhere)
+    end to end, against the figures torch-fidelity computes with its own functions from its own Inception-v3 loaded
+    from the same weights file: FID and sFID (statistics in float64) against the batch's statistics, the Inception
+    Score (one part: torch-fidelity shuffles before splitting in its own way), precision/recall (k = 3) against the
+    batch's images."""
+    fid = torch_fidelity.metric_fid
+    samples_images, ref_images = blocks(16, seed=1, patch=3), blocks(16, seed=2, patch=3)
+    reference = TorchFidelityInception(torch_fidelity, random_inception_weights)
+    pool, logits, spatial = reference(samples_images)
+    ref_pool, _, ref_spatial = reference(ref_images)
+
+    def stats(features):
+        return fid.fid_features_to_statistics(features.double())
+
+    def frechet(a, b):
+        return fid.fid_statistics_to_metric(a, b, verbose=False)[torch_fidelity.KEY_METRIC_FID]
+
+    # The batch's statistics: torch-fidelity's, of half of its images, so that using them is told apart from
+    # recomputing them from the images.
+    adm_stats, adm_spatial = stats(ref_pool[:8]), stats(ref_spatial[:8])
+    ref = write_npz(tmp_path / "VIRTUAL_batch.npz", arr_0=ref_images, mu=adm_stats["mu"], sigma=adm_stats["sigma"],
+                    mu_s=adm_spatial["mu"], sigma_s=adm_spatial["sigma"])
+    samples = write_npz(tmp_path / "samples.npz", arr_0=samples_images, labels=np.arange(16) % 4)
+    result = run_eval(capsys, "--samples", str(samples), "--ref", str(ref), "--features", "inception",
+                      "--inception-weights", str(random_inception_weights), "--is-splits", "1")
+    assert result["features"] == "inception" and (result["n_samples"], result["n_ref"]) == (16, 16)
+    assert "precomputed" in result["notes"][0] and [row["n"] for row in result["per_class"]] == [4] * 4
+
+    assert result["fid"] == pytest.approx(frechet(stats(pool), adm_stats), rel=1e-4)
+    assert result["sfid"] == pytest.approx(frechet(stats(spatial), adm_spatial), rel=1e-4)
+    inception_score = torch_fidelity.metric_isc.isc_features_to_metric(logits, splits=1, shuffle=False)[
+        torch_fidelity.KEY_METRIC_ISC_MEAN]
+    assert result["inception_score"] == pytest.approx(inception_score, rel=1e-5) and inception_score > 1.5
+    precision, recall = torch_fidelity.metric_prc.calculate_precision_recall_full(pool, ref_pool, neighborhood=3)
+    assert result["precision"] == pytest.approx(precision, abs=1.01 / 16)  # a point on a ball's edge may differ
+    assert result["recall"] == pytest.approx(recall, abs=1.01 / 16)
+    assert min(precision, recall) < 1  # the random network tells these images apart
 
 
 # --- training the classifier; the shipped one ---------------------------------------------------------
@@ -484,7 +608,8 @@ REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped classifier")
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST is not installed")
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="Fashion-MNIST is not installed: run scripts/setup.sh "
+                    "(apt-get install dataset-fashion-mnist)")
 def test_shipped_classifier_reaches_91_percent():
     from ctfgen.data.datasets import FashionMNIST
     from ctfgen.evaluation.classifier import classifier_accuracy

@@ -2,12 +2,14 @@
 exactly one `ctfgen: error:` line on stderr, no traceback, and no file created, changed or deleted; through the
 API each must raise a CtfgenError that says what is wrong."""
 
+import ctypes
 import errno
 import gzip
 import json
 import os
 import shutil
 import struct
+import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -433,17 +435,66 @@ def snapshot(*roots) -> dict:
     return state
 
 
+CAP_DAC_OVERRIDE, CAP_FOWNER = 1, 3  # linux/capability.h: write and chmod regardless of a file's mode and owner
+
+
+def without_file_privileges(fn):
+    """fn(), called in a thread that lacks root's power to ignore file permissions (CAP_DAC_OVERRIDE, CAP_FOWNER),
+    so that a read-only directory is read-only to it as to any other user. Linux capabilities belong to a thread:
+    the thread drops them from its effective and permitted sets (os.access, which ctfgen's checks use, consults the
+    permitted set for root) and ends; the rest of the test process keeps them. Files the test made stay readable,
+    since root owns them."""
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome = {}
+
+    def drop_then_call():
+        try:
+            header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3; pid 0: this thread
+            if libc.capget(ctypes.byref(header), data) != 0:
+                raise OSError(ctypes.get_errno(), "capget")
+            mask = ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_FOWNER)) & 0xFFFFFFFF
+            data[0].effective &= mask
+            data[0].permitted &= mask
+            if libc.capset(ctypes.byref(header), data) != 0:
+                raise OSError(ctypes.get_errno(), "capset")
+        except (OSError, AttributeError) as e:  # not Linux, or capabilities locked away (seccomp)
+            outcome["skip"] = f"cannot drop root's file capabilities here ({e}): run the suite as a user other " \
+                              "than root to check this case"
+            return
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=drop_then_call)
+    thread.start()
+    thread.join()
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cli_refuses_with_one_line_and_changes_nothing(case, a, tmp_path, monkeypatch, capsys):
-    if case == "output in a read-only directory" and os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
     build, expected = CASES[case]
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # where a relative or default output would land
     argv = [str(arg) for arg in build(a, work)]
     before = snapshot(work, a.root)
-    code = cli.main(argv)
+    if case == "output in a read-only directory" and os.geteuid() == 0:  # root writes into read-only directories
+        code = without_file_privileges(lambda: cli.main(argv))
+    else:
+        code = cli.main(argv)
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert captured.err.count("\n") == 1 and captured.err.startswith("ctfgen: error:"), repr(captured.err)

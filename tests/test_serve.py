@@ -1,8 +1,8 @@
 """The web demo: the batcher and the page's actions in Python, then the page itself in a real browser.
 
 The browser tests drive Debian's Chromium (/usr/bin/chromium) with Playwright over a server on a free loopback
-port, with a tiny pipeline of random weights. They skip, saying what is missing, where gradio, Playwright or
-Chromium is not installed; in CI (CI set) they run and fail instead, since CI installs all three.
+port, with a tiny pipeline of random weights. Where gradio, Playwright or Chromium is not installed they skip,
+saying what is missing and that `scripts/setup.sh --test` installs it; in CI (CI set) they fail instead.
 """
 
 import importlib.util
@@ -29,6 +29,7 @@ from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
 from ctfgen.serve.actions import Demo, Limits
 from ctfgen.serve.batcher import Batcher
 from ctfgen.serve.views import grid_image, progress_pixels
+from installed import require
 from test_pipeline import make_parts
 
 CHROMIUM = "/usr/bin/chromium"
@@ -292,8 +293,12 @@ def missing_for_the_browser() -> list[str]:
     return missing + ([] if os.access(CHROMIUM, os.X_OK) else [f"{CHROMIUM} (apt-get install chromium)"])
 
 
-in_browser = pytest.mark.skipif(bool(missing_for_the_browser()) and not os.environ.get("CI"),
-                                reason=f"the browser tests need {', '.join(missing_for_the_browser())}")
+@pytest.fixture(scope="module")
+def browser_installed():
+    require(missing_for_the_browser(), "the browser tests")
+
+
+in_browser = pytest.mark.usefixtures("browser_installed")  # before the fixtures that start the server and browser
 
 
 def free_port() -> int:
