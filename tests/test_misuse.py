@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ctfgen import cli
+from ctfgen.bench import benchmark
 from ctfgen.checkpoint import save_checkpoint
 from ctfgen.clustering import CoarseMap, cluster_codebook
 from ctfgen.data.codes import CodeDataset, extract_codes
@@ -643,7 +644,14 @@ def test_a_log_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_with_train_state_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "save", failing_write(errno.ENOSPC))  # torch.save raises a RuntimeError to a path
+    full_disk = failing_write(errno.ENOSPC)
+
+    def torch_save(obj, f):  # as torch.save on a full disk: to a file object, the OSError; to a path, its own error
+        if not hasattr(f, "write"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        full_disk(obj, f)
+
+    monkeypatch.setattr(torch, "save", torch_save)
     with pytest.raises(CtfgenError, match="ckpt: no space is left"):
         save_checkpoint(tmp_path / "ckpt", {"kind": "gpt", "model": {}}, {"w": torch.zeros(2)}, train_state={"step": 1})
     assert list(tmp_path.iterdir()) == []
@@ -669,6 +677,13 @@ def test_huge_config_is_refused_before_allocating(a, tmp_path):
     (tmp_path / "gpt/config.json").write_text(json.dumps(config))
     with pytest.raises(CtfgenError, match="does not match its config.json"):
         GPT.from_pretrained(tmp_path / "gpt")
+
+
+def test_bench_refuses_an_empty_batch_or_no_timed_run(pipe):  # noqa: F811
+    with pytest.raises(CtfgenError, match="batch must be at least 1, got 0"):
+        benchmark(pipe, batch=0)
+    with pytest.raises(CtfgenError, match="repeats must be at least 1, got 0"):
+        benchmark(pipe, repeats=0)
 
 
 def test_coarse_map_values_are_checked():

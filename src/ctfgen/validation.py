@@ -197,7 +197,7 @@ def check_fields(config) -> None:
         if normal is _MISMATCH:
             raise CtfgenError(f"{field.name} must be {_type_text(hints[field.name])}, got {value!r}")
         if normal is not None and (rule := rule_of(field, hints[field.name])) is not None:
-            normal = rule.check(normal, field.name)
+            normal = rule.check(value, field.name)  # the value as given, in the message
         object.__setattr__(config, field.name, normal)
 
 

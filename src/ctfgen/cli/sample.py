@@ -11,11 +11,11 @@ from itertools import combinations
 from pathlib import Path
 
 from ctfgen.checkpoint import DTYPES
-from ctfgen.cli.common import add_overwrite_flag, add_pipeline_flag
+from ctfgen.cli.common import add_overwrite_flag, add_pipeline_flag, number_flag
 from ctfgen.data.images import is_ctfgen_npz, is_ctfgen_png, is_ctfgen_png_dir
 from ctfgen.errors import CtfgenError
 from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
-from ctfgen.validation import check_output
+from ctfgen.validation import FINITE, WHOLE, check_output
 
 # What each kind of output may replace: (what it is called, how ctfgen's own is recognised, whether a directory).
 PNG = ("a PNG written by ctfgen", is_ctfgen_png, False)
@@ -30,7 +30,7 @@ def register(commands) -> None:
     add_pipeline_flag(sample)
     sample.add_argument("--classes", help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag "
                         "(default: every class)")
-    sample.add_argument("--per-class", type=int, help="N images of each class (default 1)")
+    number_flag(sample, "--per-class", WHOLE, help="N images of each class (default 1)")
     sample.add_argument("--out", help="directory for one PNG per image")
     sample.add_argument("--grid", help="one PNG grid of all images")
     sample.add_argument("--preview-grid", help="a PNG grid of (stage-1 preview | final image) pairs (CTF only)")
@@ -51,7 +51,7 @@ def register(commands) -> None:
                                             "settings")
     demo.add_argument("--out", default="demo.png", help="the PNG to write (default %(default)s)")
     add_pipeline_flag(demo)
-    demo.add_argument("--per-class", type=int, default=10, help="images of each class: a row per class "
+    number_flag(demo, "--per-class", WHOLE, default=10, help="images of each class: a row per class "
                       "(default %(default)s)")
     _add_request_flags(demo)
     add_overwrite_flag(demo, "a PNG written by ctfgen (an earlier demo)")
@@ -63,9 +63,9 @@ def register(commands) -> None:
     reroll.add_argument("--class", dest="classes", required=True,
                         help="the class of the images (id or name), or one per image, comma-separated")
     add_pipeline_flag(reroll)
-    reroll.add_argument("--n", type=int, default=4, help="variations of each image (default %(default)s)")
-    reroll.add_argument("--seed", type=int, default=0, help="variation j draws from a generator seeded from (seed, j)")
-    reroll.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, help="images per batch (default %(default)s)")
+    number_flag(reroll, "--n", WHOLE, default=4, help="variations of each image (default %(default)s)")
+    number_flag(reroll, "--seed", WHOLE, default=0, help="variation j draws from a generator seeded from (seed, j)")
+    number_flag(reroll, "--batch", WHOLE, default=DEFAULT_BATCH_SIZE, help="images per batch (default %(default)s)")
     _add_sampling_flags(reroll, "stage2-", STAGE2_DEFAULTS, "stage 2")
     reroll.add_argument("--grid", help="a PNG grid: a row per image (the image | its coarse labels | variations)")
     reroll.add_argument("--npz", help="the variations: arr_0 uint8 [N,H,W,3], labels, tokens and coarse [N,h,w]")
@@ -78,9 +78,9 @@ def _add_request_flags(parser) -> None:
     """The flags of `_request`: which model, seed, batch, and each stage's SamplingParams fields."""
     parser.add_argument("--baseline", action="store_true", help="sample the plain autoregressive baseline instead "
                         "of CTF")
-    parser.add_argument("--seed", type=int, default=0, help="image i of the request draws from a generator seeded "
+    number_flag(parser, "--seed", WHOLE, default=0, help="image i of the request draws from a generator seeded "
                         "from (seed, i): the batch size does not change the images")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, help="images per batch (default "
+    number_flag(parser, "--batch", WHOLE, default=DEFAULT_BATCH_SIZE, help="images per batch (default "
                         "%(default)s)")
     _add_sampling_flags(parser, "", STAGE1_DEFAULTS, "stage 1 (or the baseline)")
     _add_sampling_flags(parser, "stage2-", STAGE2_DEFAULTS, "stage 2")
@@ -88,13 +88,14 @@ def _add_request_flags(parser) -> None:
 
 
 def _add_sampling_flags(parser, prefix: str, defaults: SamplingParams, stage: str) -> None:
-    """One stage's SamplingParams fields as flags (--temperature ..., or --stage2-temperature ...)."""
+    """One stage's SamplingParams fields as flags (--temperature ..., or --stage2-temperature ...), read as numbers:
+    their fields' rules check them when the stage's SamplingParams is made, in a line that names the stage."""
     for field in fields(SamplingParams):
         if prefix and field.name == "cfg_interval":
             continue  # stage 2 predicts every token at once
         default = getattr(defaults, field.name)
-        parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}", type=type(default), default=default,
-                            help=f"{stage}: {field.metadata['help']} (default %(default)s)")
+        number_flag(parser, f"--{prefix}{field.name.replace('_', '-')}", WHOLE if isinstance(default, int) else FINITE,
+                    default=default, help=f"{stage}: {field.metadata['help']} (default %(default)s)")
 
 
 def _sampling_params(args, prefix: str, what: str) -> SamplingParams:
