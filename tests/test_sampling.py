@@ -12,14 +12,12 @@ from ctfgen.sampling.decode import (
     filter_logits,
     generate,
     image_uniforms,
-    member_table,
-    refine,
     request_seed,
     sample_categorical,
     sample_tokens,
-    sample_within_clusters,
 )
 from ctfgen.sampling.params import SamplingParams
+from ctfgen.sampling.refine import member_table, refine, sample_within_clusters
 from reference import generate_uncached, sample_within_clusters_loop
 
 
@@ -235,7 +233,8 @@ def test_batched_within_cluster_sampling_picks_the_tokens_of_the_loop(kwargs):
     loop = sample_within_clusters_loop(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms)
     assert torch.equal(coarse_map.coarse_of_fine[loop], coarse)
     for chunk in (1, 3, 32, 100):
-        batched = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms, chunk)
+        batched, _ = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms,
+                                            chunk)
         assert torch.equal(batched, loop), chunk
 
 

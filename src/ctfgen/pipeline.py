@@ -37,14 +37,16 @@ from ctfgen.files import write_atomic
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.sampling.batched import sample_request, sample_variations
-from ctfgen.sampling.decode import generate, image_seeds, refine, request_seed
+from ctfgen.sampling.decode import generate, image_seeds, request_seed
 from ctfgen.sampling.params import DEFAULT_BATCH_SIZE, STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams, whole_number
+from ctfgen.sampling.refine import refine
 from ctfgen.sampling.request import (
     PipelineOutput,
     RunOptions,
     SamplingRequest,
     check_coarse,
     check_stage2,
+    check_stage2_steps,
     check_top_k,
     class_ids,
 )
@@ -252,6 +254,7 @@ class CTFPipeline:
         coarse, labels = coarse.repeat_interleave(n, 0), labels.repeat_interleave(n)
         check_stage2(stage2_sampling)
         check_top_k(stage2_sampling, "stage 2", self.tokenizer.config.codebook_size)
+        check_stage2_steps(stage2_sampling, self.stage2)
         options = RunOptions(batch_size, output_type, progress=progress)
         seeds = image_seeds(seed, len(labels))
         with self._inference():
@@ -268,9 +271,10 @@ class CTFPipeline:
     @torch.no_grad()
     def stage2_tokens(self, coarse: torch.Tensor, labels: torch.Tensor, sampling: SamplingParams = STAGE2_DEFAULTS,
                       uniforms: torch.Tensor | None = None, restrict: bool = True) -> torch.Tensor:
-        """Stage 2: fine grids [B, h, w] for coarse grids [B, h, w], in one pass."""
+        """Stage 2: fine grids [B, h, w] for coarse grids [B, h, w], in sampling.steps passes; pass s picks the
+        token at position t by uniforms[b, s, t] ([B, T] for one pass)."""
         fine = refine(self.stage2, coarse.flatten(1), labels, self.coarse_map.coarse_of_fine, sampling,
-                      restrict=restrict, uniforms=uniforms)
+                      steps=sampling.steps, restrict=restrict, uniforms=uniforms)
         return fine.view_as(coarse)
 
     @torch.no_grad()

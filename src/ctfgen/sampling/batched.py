@@ -17,14 +17,15 @@ def sample_request(pipe, request: SamplingRequest, options: RunOptions) -> Pipel
     """The images of a request checked against `pipe`."""
     labels = torch.tensor(request.labels)
     fine, coarse, pixels, previews = [], [], [], []
-    for start, batch, uniforms in batches(pipe, labels, request.image_seeds, options, f"sample[{request.mode}]"):
+    rows = 1 + request.stage2_sampling.steps  # the autoregressive stage's numbers, then one row per stage-2 pass
+    for start, batch, uniforms in batches(pipe, labels, request.image_seeds, options, f"sample[{request.mode}]", rows):
         on_step = None if options.callback is None else partial(options.callback, start)
         steps = dict(callback=on_step, callback_steps=options.callback_steps)
         if request.mode == "baseline":
             fine.append(pipe.baseline_tokens(batch, request.sampling, uniforms[:, 0], **steps))
         else:
             coarse.append(pipe.stage1_tokens(batch, request.sampling, uniforms[:, 0], **steps))
-            fine.append(pipe.stage2_tokens(coarse[-1], batch, request.stage2_sampling, uniforms[:, 1],
+            fine.append(pipe.stage2_tokens(coarse[-1], batch, request.stage2_sampling, uniforms[:, 1:],
                                            request.restrict))
         pixels.append(pipe.decode(fine[-1]))
         if options.preview:
@@ -36,22 +37,22 @@ def sample_variations(pipe, coarse: torch.Tensor, labels: torch.Tensor, seeds: l
                       stage2_sampling: SamplingParams, restrict: bool, options: RunOptions) -> PipelineOutput:
     """Stage 2 alone over checked coarse grids [N, h, w] with their class ids [N], image j with seeds[j]."""
     fine, pixels = [], []
-    for start, batch, uniforms in batches(pipe, labels, seeds, options, "variations"):
+    for start, batch, uniforms in batches(pipe, labels, seeds, options, "variations", 1 + stage2_sampling.steps):
         grids = coarse[start:start + len(batch)].to(pipe.device)
-        fine.append(pipe.stage2_tokens(grids, batch, stage2_sampling, uniforms[:, 1], restrict))
+        fine.append(pipe.stage2_tokens(grids, batch, stage2_sampling, uniforms[:, 1:], restrict))
         pixels.append(pipe.decode(fine[-1]))
     return output(options.output_type, labels, fine, [coarse], pixels, [])
 
 
-def batches(pipe, labels: torch.Tensor, seeds, options: RunOptions, desc: str):
-    """(first image, labels [b], uniforms [b, 2, T]) for each batch of a request, on the pipeline's device;
-    image i's numbers from its (seed, index) pair seeds[i]."""
+def batches(pipe, labels: torch.Tensor, seeds, options: RunOptions, desc: str, rows: int):
+    """(first image, labels [b], uniforms [b, rows, T]) for each batch of a request, on the pipeline's device;
+    image i's numbers from its (seed, index) pair seeds[i] (see `image_uniforms`)."""
     from tqdm import tqdm
 
     starts = range(0, len(labels), options.batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=None if options.progress else True):
         batch = labels[start:start + options.batch_size]
-        uniforms = seeded_uniforms(seeds[start:start + len(batch)], pipe.grid ** 2)
+        uniforms = seeded_uniforms(seeds[start:start + len(batch)], pipe.grid ** 2, rows)
         yield start, batch.to(pipe.device), uniforms.to(pipe.device)
 
 

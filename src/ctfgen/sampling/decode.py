@@ -1,4 +1,4 @@
-"""Sampling: KV-cached autoregressive decoding with classifier-free guidance, and the stage-2 pass.
+"""Sampling: KV-cached autoregressive decoding with classifier-free guidance (stage 2 is in `refine.py`).
 
 The decode loop reads like gpt-fast's generate.py: prefill the class token into a static cache,
 then one token per step at a fixed shape. Guidance follows LlamaGen: the batch is doubled with the
@@ -9,7 +9,7 @@ conditional logits.
 Randomness comes in as uniform numbers, one per token: a token is drawn by inverting the cumulative
 distribution at its number. The seeding rule of a request (`request_seed`, `image_uniforms`): image i
 of a request has its own generator, seeded from (the request's seed, i), which draws n_tokens numbers
-for the autoregressive stage (stage 1 or the baseline) and then n_tokens for stage 2. An image's
+for the autoregressive stage (stage 1 or the baseline) and then n_tokens for each stage-2 pass. An image's
 numbers therefore do not depend on the batch it is sampled in, nor on the other images of the request;
 a call that merges several requests gives each image the (seed, i) pair of its own (`image_seeds`).
 Seeds and indices are 0 .. 2**32 - 1 (`ctfgen.seeding`): SeedSequence reads the pair as the 32-bit words
@@ -23,7 +23,6 @@ import torch
 
 from ctfgen.backends.decoding import decode_backend
 from ctfgen.models.gpt import GPT
-from ctfgen.models.refiner import Refiner
 from ctfgen.sampling.params import SamplingParams
 from ctfgen.sampling.request import check_seed, checked_seeds
 from ctfgen.seeding import derived_generator
@@ -51,15 +50,17 @@ def image_seeds(seed, count: int) -> list[tuple[int, int]]:
     return [(base, index) for index in range(count)]
 
 
-def image_uniforms(seed: int, first: int, count: int, n_tokens: int) -> torch.Tensor:
+def image_uniforms(seed: int, first: int, count: int, n_tokens: int, rows: int = 2) -> torch.Tensor:
     """The numbers of images first .. first + count - 1 of the request with base seed `seed`: float64
-    [count, 2, n_tokens] on the CPU, row [i, 0] for the autoregressive stage and row [i, 1] for stage 2."""
-    return seeded_uniforms([(seed, index) for index in range(first, first + count)], n_tokens)
+    [count, rows, n_tokens] on the CPU, row [i, 0] for the autoregressive stage and rows [i, 1:] for stage 2's
+    passes (one row each). An image's generator fills the rows in order, so more rows leave the first ones as
+    they were: stage 2 in one pass draws the same numbers whatever the number of rows."""
+    return seeded_uniforms([(seed, index) for index in range(first, first + count)], n_tokens, rows)
 
 
-def seeded_uniforms(seeds: list[tuple[int, int]], n_tokens: int) -> torch.Tensor:
+def seeded_uniforms(seeds: list[tuple[int, int]], n_tokens: int, rows: int = 2) -> torch.Tensor:
     """The numbers of the images with these (base seed, index) pairs, as `image_uniforms` gives them."""
-    return torch.stack([torch.rand(2, n_tokens, generator=derived_generator(seed, index), dtype=torch.float64)
+    return torch.stack([torch.rand(rows, n_tokens, generator=derived_generator(seed, index), dtype=torch.float64)
                         for seed, index in seeds])
 
 
@@ -143,61 +144,3 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
         pick(decoder.decode_step(previous.repeat(2) if use_cfg else previous, input_pos, kv_len=t + 1), t)
         input_pos += 1
     return tokens
-
-
-@torch.no_grad()
-def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_of_fine: torch.Tensor,
-           params: SamplingParams = SamplingParams(), *, restrict: bool = True,
-           uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 2: all fine tokens [B, T] from the coarse grid [B, T] in one forward pass, the token at
-    position t picked by uniforms[b, t] (None: fresh ones). With `restrict`, each position samples only
-    among the codewords of its cluster (top-k / top-p among those)."""
-    uniforms = fresh_uniforms(coarse.shape, coarse.device) if uniforms is None else uniforms.to(coarse.device)
-    use_cfg = params.guided
-    rows = (coarse.repeat(2, 1), with_null_class(labels, refiner.config.null_class)) if use_cfg else (coarse, labels)
-    if not restrict:
-        logits, _ = refiner(*rows)
-        return sample_tokens(guided(logits, params.cfg_scale) if use_cfg else logits, params, uniforms)
-    hidden = refiner.hidden(*rows)
-    # The head is linear without bias, so guiding the hidden states guides the logits.
-    hidden = guided(hidden, params.cfg_scale) if use_cfg else hidden
-    return sample_within_clusters(refiner, hidden, coarse, coarse_of_fine.to(coarse.device), params, uniforms)
-
-
-def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor, coarse_of_fine: torch.Tensor,
-                           params: SamplingParams, uniforms: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """Fine tokens [B, T]: at each position, sampled (by its number in uniforms [B, T]) from the softmax over its
-    cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the members' logits are computed, not
-    all V of them (a cluster holds V / K codewords on average), and all at once: the positions, grouped by cluster
-    into chunks of up to `chunk` positions, meet their cluster's rows of the output layer in one batched matmul;
-    clusters are padded to the largest one, and the padding masked out of one batched sampling call."""
-    flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
-    table, sizes = member_table(coarse_of_fine)  # [K, M] fine ids of each cluster, padded; [K] cluster sizes
-    k, n = len(sizes), len(flat_coarse)
-    order = torch.argsort(flat_coarse, stable=True)  # positions grouped by cluster
-    clusters = flat_coarse[order]
-    counts = torch.bincount(flat_coarse, minlength=k)
-    chunks = (counts + chunk - 1) // chunk  # per cluster
-    rank = torch.arange(n, device=coarse.device) - (torch.cumsum(counts, 0) - counts)[clusters]  # within its cluster
-    rows = (torch.cumsum(chunks, 0) - chunks)[clusters] * chunk + rank  # each position's row among the chunks' rows
-    n_chunks = int(chunks.sum())
-    grouped = flat_hidden.new_zeros(n_chunks * chunk, flat_hidden.shape[-1])
-    grouped.index_copy_(0, rows, flat_hidden.index_select(0, order))
-    chunk_ids = table[torch.repeat_interleave(torch.arange(k, device=coarse.device), chunks)]  # [chunks, M]
-    logits = refiner.member_logits(grouped.view(n_chunks, chunk, -1), chunk_ids).flatten(0, 1).index_select(0, rows)
-    padding = torch.arange(table.shape[1], device=coarse.device) >= sizes[clusters, None]
-    picked = sample_tokens(logits.masked_fill(padding, float("-inf")), params, flat_uniforms[order])
-    fine = torch.empty_like(flat_coarse)
-    fine[order] = table[clusters, picked]
-    return fine.view_as(coarse)
-
-
-def member_table(coarse_of_fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fine ids of each cluster in increasing order, [K, M] padded with 0 to the largest cluster's size M, and
-    the clusters' sizes [K]."""
-    sizes = torch.bincount(coarse_of_fine)
-    members = torch.argsort(coarse_of_fine, stable=True)  # fine ids grouped by cluster
-    rank = torch.arange(len(members), device=members.device) - (torch.cumsum(sizes, 0) - sizes)[coarse_of_fine[members]]
-    table = members.new_zeros(len(sizes), int(sizes.max()))
-    table[coarse_of_fine[members], rank] = members
-    return table, sizes

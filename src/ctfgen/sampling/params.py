@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from ctfgen.validation import NON_NEGATIVE, Real, Whole, check_fields
 
+MAX_STAGE2_STEPS = 1024  # more passes than positions reveal nothing new (a 32x32 grid has 1024)
+
 
 def whole_number(value, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as an int in [minimum, maximum], or one error naming `what`: `Whole(minimum, maximum).check`."""
@@ -20,7 +22,9 @@ def whole_number(value, what: str, minimum: int | None = None, maximum: int | No
 class SamplingParams:
     """How one stage turns logits into tokens. The defaults change nothing: no temperature, no filter,
     no guidance. `cfg_interval` applies to the autoregressive stages only (stage 1, the baseline): N >= 0 guides
-    image tokens 0 to N + 1, the first N + 2, exactly as LlamaGen's `generate(cfg_interval=N)`; -1 guides all."""
+    image tokens 0 to N + 1, the first N + 2, exactly as LlamaGen's `generate(cfg_interval=N)`; -1 guides all.
+    `steps` applies to stage 2 only: its passes over the grid (1: the paper's one-pass refiner; more need a refiner
+    trained with `--reveal`, see `ctfgen.sampling.refine`)."""
 
     temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature; 0 takes the most likely token", "rule": Real(0)})
@@ -34,6 +38,10 @@ class SamplingParams:
     cfg_interval: int = field(default=-1, metadata={
         "help": "guide image tokens 0 to N+1 only (the first N+2), as LlamaGen's cfg_interval (-1 = all)",
         "rule": Whole(-1)})
+    steps: int = field(default=1, metadata={
+        "help": "passes over the grid, each keeping the most confident tokens (MaskGIT's cosine schedule) for the "
+                "next to see; 1 = the paper's one-pass refiner, more need a refiner trained with --reveal",
+        "rule": Whole(1, MAX_STAGE2_STEPS)})
 
     def __post_init__(self):
         check_fields(self)  # frozen or not: the values are stored normalised (3.0 -> 3)

@@ -57,6 +57,9 @@ class SamplingRequest:
         if self.mode not in MODES:
             raise CtfgenError(f"unknown mode {self.mode!r}; use 'ctf' or 'baseline'")
         check_type(self.sampling, "sampling")
+        if self.sampling.steps != 1:
+            raise CtfgenError("steps is for stage 2 (stage2_sampling.steps); stage 1 and the baseline sample one "
+                              "token a step: leave sampling.steps at 1")
         check_stage2(self.stage2_sampling)
         classes, per_class = as_tuple(self.classes), whole_number(self.per_class, "per_class", minimum=1)
         checked = {"classes": classes, "per_class": per_class, "restrict": bool(self.restrict),
@@ -78,6 +81,7 @@ class SamplingRequest:
         check_top_k(self.sampling, "stage 1" if ctf else "baseline", model.config.vocab_size)
         if ctf:
             check_top_k(self.stage2_sampling, "stage 2", pipe.tokenizer.config.codebook_size)
+            check_stage2_steps(self.stage2_sampling, pipe.stage2)
         return replace(self, classes=classes)
 
     @property
@@ -216,6 +220,12 @@ def check_stage2(params) -> None:
     if params.cfg_interval != -1:
         raise CtfgenError("stage 2 predicts every token in one pass: cfg_interval is for stage 1 only; "
                           "leave stage2_sampling.cfg_interval at -1")
+
+
+def check_stage2_steps(params: SamplingParams, refiner) -> None:
+    if params.steps > 1 and refiner.fine_embeddings is None:
+        raise CtfgenError(f"stage 2 in {params.steps} steps needs a refiner trained with --reveal (it reads the fine "
+                          f"tokens kept so far); this pipeline's refiner samples in one pass: use steps=1")
 
 
 def check_top_k(params: SamplingParams, stage: str, vocab: int) -> None:
