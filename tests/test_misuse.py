@@ -328,6 +328,12 @@ CASES = {
                                    "inside the --out directory"),
     "sample --seed beyond 32 bits": (lambda a, w: sample("--seed", str(2**70), "--grid", w / "g.png"),
                                      "seed must be between 0 and 4294967295, got 1180591620717411303424"),
+    "sample --stage2-steps 0": (lambda a, w: sample("--stage2-steps", "0", "--grid", w / "g.png"),
+                                "steps must be between 1 and"),
+    "sample --stage2-steps 4 with a one-pass refiner": (
+        lambda a, w: sample("--stage2-steps", "4", "--grid", w / "g.png"), "needs a refiner trained with --reveal"),
+    "reroll --stage2-steps 0": (lambda a, w: reroll(w, "--stage2-steps", "0", "--grid", w / "g.png"),
+                                "steps must be between 1 and"),
     "demo over a user's demo.png": (lambda a, w: demo_over(photo(w / "demo.png")), "is not a PNG written by ctfgen"),
     "demo over an earlier demo.png": (lambda a, w: demo_over(ctfgen_png(w / "demo.png")), "pass --overwrite"),
     "reroll --grid over a user PNG": (lambda a, w: reroll(w, "--grid", photo(w / "g.png"), "--overwrite"),

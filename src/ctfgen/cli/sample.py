@@ -90,9 +90,10 @@ def _add_request_flags(parser) -> None:
 def _add_sampling_flags(parser, prefix: str, defaults: SamplingParams, stage: str) -> None:
     """One stage's SamplingParams fields as flags (--temperature ..., or --stage2-temperature ...), read as numbers:
     their fields' rules check them when the stage's SamplingParams is made, in a line that names the stage."""
+    kind = "stage2" if prefix else "autoregressive"
     for field in fields(SamplingParams):
-        if prefix and field.name == "cfg_interval":
-            continue  # stage 2 predicts every token at once
+        if field.metadata.get("only", kind) != kind:
+            continue  # a setting of the other kind of stage (cfg_interval: autoregressive; steps: stage 2)
         default = getattr(defaults, field.name)
         number_flag(parser, f"--{prefix}{field.name.replace('_', '-')}", WHOLE if isinstance(default, int) else FINITE,
                     default=default, help=f"{stage}: {field.metadata['help']} (default %(default)s)")
@@ -209,6 +210,7 @@ def cmd_reroll(args) -> None:
     from ctfgen.sampling.reroll import coarse_of_images, read_image, reroll_grid
 
     _check_outputs(args, {"--npz": NPZ, "--grid": PNG, "--out": PNG_DIR})
+    stage2_sampling = _sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)")  # before any work
     pipe = CTFPipeline.from_pretrained(args.pipeline)
     classes = args.classes.split(",")
     if len(classes) not in (1, len(args.images)):
@@ -217,8 +219,7 @@ def cmd_reroll(args) -> None:
     pixels = torch.stack([read_image(path, pipe.image_size) for path in args.images])
     coarse = coarse_of_images(pipe, pixels)
     out = pipe.variations(coarse, classes * (len(args.images) // len(classes)), n=args.n,
-                          stage2_sampling=_sampling_params(args, "stage2_", "stage-2 settings (--stage2-*)"),
-                          seed=args.seed, batch_size=args.batch, output_type="pt")
+                          stage2_sampling=stage2_sampling, seed=args.seed, batch_size=args.batch, output_type="pt")
     if args.grid:
         grid = reroll_grid(pixels, pipe.decode_preview(coarse), out.images)
         print(f"wrote {save_png(grid, args.grid)}: a row per image (the image | its coarse labels | variations)")

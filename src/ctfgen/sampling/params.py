@@ -37,11 +37,11 @@ class SamplingParams:
                                                     "rule": Real(1)})
     cfg_interval: int = field(default=-1, metadata={
         "help": "guide image tokens 0 to N+1 only (the first N+2), as LlamaGen's cfg_interval (-1 = all)",
-        "rule": Whole(-1)})
+        "rule": Whole(-1), "only": "autoregressive"})
     steps: int = field(default=1, metadata={
         "help": "passes over the grid, each keeping the most confident tokens (MaskGIT's cosine schedule) for the "
                 "next to see; 1 = the paper's one-pass refiner, more need a refiner trained with --reveal",
-        "rule": Whole(1, MAX_STAGE2_STEPS)})
+        "rule": Whole(1, MAX_STAGE2_STEPS), "only": "stage2"})
 
     def __post_init__(self):
         check_fields(self)  # frozen or not: the values are stored normalised (3.0 -> 3)
