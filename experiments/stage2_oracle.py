@@ -6,20 +6,30 @@ Takes the token grids of `--n` real images (a fixed random subset of `--codes`),
 metrics against the test split: (1) their reconstructions by the tokenizer (the floor at this n), (2) the images
 stage 2 makes from their true coarse labels (stage 1 replaced by an oracle), at each `--stage2-temperatures`,
 (3) the images decoded from the coarse labels alone (cluster-mean codewords). If (2) is far above (1), stage 2
-is what holds CTF back, whatever stage 1 does. Prints JSON.
+is what holds CTF back, whatever stage 1 does. `--refiner` and `--map` measure another stage 2 (e.g. one trained
+with `--reveal`, at `--stage2-steps` passes) with the pipeline's tokenizer. Prints JSON (and writes it to --out).
+
+    python experiments/stage2_oracle.py --refiner runs/reveal/k512/checkpoint \
+        --map runs/maps/coarse_map_k512.safetensors --stage2-temperatures 1 --stage2-steps 1,2,4,8 \
+        --out docs/results/stage2_steps_oracle_k512.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctfgen.checkpoint import DTYPES
+from ctfgen.clustering import CoarseMap
 from ctfgen.data.codes import CodeDataset
 from ctfgen.evaluation import evaluate_images, load_feature_network
+from ctfgen.files import write_atomic
+from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import SamplingParams
 
@@ -34,8 +44,18 @@ def main() -> None:
     parser.add_argument("--stage2-temperatures", default="1.0,0.5,0")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refiner", help="a stage-2 checkpoint to measure instead of the pipeline's (with --map)")
+    parser.add_argument("--map", help="the coarse map of --refiner")
+    parser.add_argument("--stage2-steps", default="1", help="stage-2 passes to measure, comma-separated")
+    parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args()
-    pipe = CTFPipeline.from_pretrained(args.pipeline).copy(DTYPES[args.dtype])
+    if bool(args.refiner) != bool(args.map):
+        parser.error("--refiner and --map go together")
+    pipe = CTFPipeline.from_pretrained(args.pipeline)
+    if args.refiner:  # only stage 2, the map and the tokenizer are used here: stage 1 is the oracle
+        pipe.stage2, pipe.coarse_map = Refiner.from_pretrained(args.refiner), CoarseMap.load(args.map)
+        pipe.coarse_map.check_fingerprint(pipe.tokenizer.fingerprint, pipe.tokenizer.config.codebook_size)
+    pipe = pipe.copy(DTYPES[args.dtype])
     codes = CodeDataset(args.codes)
     index = np.sort(np.random.default_rng(args.seed).permutation(len(codes))[:args.n])
     fine = codes.grids(index)[:, 0]  # the first view: the image itself
@@ -51,12 +71,19 @@ def main() -> None:
         results = {"n": args.n, "reconstruction": score(torch.cat([pipe.decode(f) for f in fine.split(250)])),
                    "coarse_only": score(torch.cat([pipe.decode_preview(c) for c in coarse.split(250)]))}
         for temperature in (float(t) for t in args.stage2_temperatures.split(",")):
-            out = pipe.variations(coarse, labels.tolist(), stage2_sampling=SamplingParams(temperature=temperature),
-                                  seed=args.seed, batch_size=250, output_type="pt")
-            results[f"stage2_oracle_t{temperature:g}"] = score(out.images)
-            print(json.dumps({f"stage2_oracle_t{temperature:g}": results[f"stage2_oracle_t{temperature:g}"]}),
-                  flush=True)
-    print(json.dumps(results, indent=2))
+            for steps in (int(s) for s in args.stage2_steps.split(",")):
+                params = SamplingParams(temperature=temperature, steps=steps)
+                start = time.perf_counter()
+                out = pipe.variations(coarse, labels.tolist(), stage2_sampling=params, seed=args.seed,
+                                      batch_size=250, output_type="pt")
+                name = f"stage2_oracle_t{temperature:g}" + (f"_s{steps}" if steps > 1 else "")
+                results[name] = score(out.images) | {"steps": steps, "seconds": time.perf_counter() - start}
+                print(json.dumps({name: results[name]}), flush=True)
+    text = json.dumps(results | {"pipeline": args.pipeline, "refiner": args.refiner or f"{args.pipeline}/stage2",
+                                 "k": pipe.coarse_map.k, "dtype": args.dtype}, indent=2)
+    print(text)
+    if args.out:
+        write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 if __name__ == "__main__":
