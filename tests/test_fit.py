@@ -261,3 +261,21 @@ def test_fit_on_fashion_mnist_scores_fid_with_the_shipped_classifier(fake_fmnist
         assert scores["features"] == "fmnist" and scores["n_samples"] == 80 and scores["n_ref"] == 64
         assert np.isfinite(scores["fid"]) and scores["fid"] > 0
     assert "| ctf | fmnist | 80 | 64 |" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_heavy_steps_data_parallel(shapes, tmp_path):
+    """Two processes (gloo on the CPU): the fit finishes, its pipeline loads, and a single-process rerun finds every
+    step done (the fingerprints do not depend on the number of processes)."""
+    out = tmp_path / "run"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "ctfgen.cli", "fit", "--preset", "tiny", "--no-progress", "--data", str(shapes), "--out",
+                          str(out)], env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert step_lines(two.stdout, "done in") == STEPS  # one line per step: only the main process speaks
+    from ctfgen.pipeline import CTFPipeline
+
+    assert CTFPipeline.from_pretrained(out / "pipeline").class_names == list(SHAPES)
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out)
+    assert status == 0, stderr
+    assert step_lines(stdout, "skipped") == STEPS

@@ -39,26 +39,40 @@ def say(text: str) -> None:
 
 
 def fit(request: FitRequest) -> dict | None:
-    """Run (or finish) the fit of `request`; the report's figures on the main process, None on the others."""
+    """Run (or finish) the fit of `request`; the report's figures on the main process, None on the others.
+
+    Under torchrun each process checks the data and makes the choices on its own (the same ones: nothing waits in a
+    collective while one process decodes a large folder); the main one writes. The steps after the last heavy one
+    (assembly, the report's sampling) run on the main process after the others have left the process group, so that
+    none of them waits there longer than the group's timeout."""
     if request.preset not in PRESETS:
         raise CtfgenError(f"unknown --preset {request.preset!r}; use one of {', '.join(PRESETS)}")
-    with launched(request.device) as runtime:
-        return run_fit(request, runtime)
-
-
-def run_fit(request: FitRequest, runtime: Runtime) -> dict | None:
     tic = time.perf_counter()
-    state = layout = None
-    if runtime.is_main:
-        state, config, data, layout, data_inputs = prepare(request)
-        state.begin(command=request.command, preset=request.preset, data=_summary(data), config=asdict(config))
-        shared = (config, data, data_inputs)
-    config, data, data_inputs = all_gather_object(shared if runtime.is_main else None, runtime)[0]
-    ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command, request.preset,
-                  request.tokenizer, request.inception_weights, layout)
-    steps = plan(ctx, data_inputs)
-    for number, step in enumerate(steps, 1):
-        label = f"[{number}/{len(steps)}] {step.name}"
+    with launched(request.device) as runtime:
+        state, config, data, layout, data_inputs = prepare(request, speak=runtime.is_main)
+        if runtime.is_main:
+            state.begin(command=request.command, preset=request.preset, data=_summary(data), config=asdict(config))
+        ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command, request.preset,
+                      request.tokenizer, request.inception_weights, layout)
+        steps = plan(ctx, data_inputs)
+        tail = max(i for i, step in enumerate(steps) if step.heavy) + 1
+        run_steps(steps, range(tail), ctx, state)
+    if not runtime.is_main:
+        return None
+    ctx.runtime = Runtime(device=runtime.device)
+    run_steps(steps, range(tail, len(steps)), ctx, state)
+    say(f"finished in {_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
+        f"{ctx.out / 'report.md'}")
+    return ctx.results["report"]
+
+
+def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) -> None:
+    """Steps `numbers` of `steps` in order: the main process decides (skip, resume or run) and records; a heavy step
+    runs on every process, the others on the main one while the rest wait."""
+    runtime = ctx.runtime
+    for number in numbers:
+        step = steps[number]
+        label = f"[{number + 1}/{len(steps)}] {step.name}"
         action, why = all_gather_object(decide(state, step) if runtime.is_main else None, runtime)[0]
         if action == "skip":
             if runtime.is_main:
@@ -80,16 +94,11 @@ def run_fit(request: FitRequest, runtime: Runtime) -> dict | None:
             ctx.results[step.name], ctx.seconds[step.name] = result, round(seconds, 2)
             state.done(step.name, step.fingerprint, step.inputs, seconds, result)
             say(f"{label}: done in {_duration(seconds)}")
-    if not runtime.is_main:
-        return None
-    say(f"finished in {_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
-        f"{ctx.out / 'report.md'}")
-    return ctx.results["report"]
 
 
-def prepare(request: FitRequest) -> tuple[FitState, FitConfig, FitData, dict | None, dict]:
+def prepare(request: FitRequest, speak: bool = True) -> tuple[FitState, FitConfig, FitData, dict | None, dict]:
     """The fit's state, choices and data, every check done and nothing written yet: (state, config, data, the
-    layout to write when the data step must run, the data step's options)."""
+    layout to write when the data step must run, the data step's options); `speak`: say what was found."""
     state = FitState.open(request.out)
     out = Path(request.out)
     codebook, downsample = None, None
@@ -116,10 +125,10 @@ def prepare(request: FitRequest) -> tuple[FitState, FitConfig, FitData, dict | N
             data = FitData(**record["result"])  # checked and laid out before: not decoded again
         else:
             data, layout = scan_folder(request.data, early.held_out, early.seed, images, out / "data",
-                                       progress=request.progress)
-            for entry in data.skipped:
+                                       progress=request.progress and speak)
+            for entry in data.skipped if speak else ():
                 say(f"skipping unreadable image {entry['path']} ({entry['reason']})")
-        if data.skipped:
+        if data.skipped and speak:
             say(f"{len(data.skipped)} unreadable image(s) skipped")
     config = resolve(request.preset, data.n_train, data.n_val, given, codebook_of_tokenizer=codebook,
                      data_defaults={"image_size": 32} if data.fmnist_like else None)
@@ -130,8 +139,9 @@ def prepare(request: FitRequest) -> tuple[FitState, FitConfig, FitData, dict | N
     if data.source != "fmnist" and config.image_size % downsample:
         raise CtfgenError(f"image_size {config.image_size} is not a multiple of the tokenizer's downsampling "
                           f"({downsample}); choose a multiple of {downsample}")
-    say(f"{request.preset} preset: {data.n_train} training images, {data.n_val} held out ({data.held_out}), "
-        f"{len(data.classes)} classes")
+    if speak:
+        say(f"{request.preset} preset: {data.n_train} training images, {data.n_val} held out ({data.held_out}), "
+            f"{len(data.classes)} classes")
     return state, config, data, layout, data_inputs
 
 
