@@ -79,7 +79,6 @@ def register(commands) -> None:
                                                 "or cast with --dtype)")
     export.add_argument("checkpoint", help="checkpoint directory to read")
     export.add_argument("out", help="checkpoint directory to write")
-    # dest: `ema` is the decay of `train --ema`, a number (validation.OPTION_RULES)
     export.add_argument("--ema", dest="ema_weights", action="store_true", help="write the EMA of the weights that "
                         "a run trained with --ema keeps beside them, instead of the weights")
     add_weights_dtype_flag(export)
