@@ -20,7 +20,9 @@ from PIL import Image, ImageDraw
 
 from ctfgen import cli
 from ctfgen.checkpoint import load_weights
+from ctfgen.errors import CtfgenError
 from ctfgen.fit.data import scan_folder, write_layout
+from ctfgen.fit.presets import resolve
 
 SHAPES = {"circle": (230, 60, 40), "square": (40, 200, 80), "triangle": (60, 90, 240)}
 SIZES = [(20, 24), (40, 32), (64, 64), (33, 47)]
@@ -203,6 +205,22 @@ def test_layout_links_and_pads_without_touching_the_originals(tmp_path):
     assert data.fmnist_like and (data.n_train, data.n_val) == (4, 2)
     copy = np.asarray(Image.open(next((tmp_path / "b" / "data" / "train" / "light").iterdir())))
     assert copy.shape == (32, 32) and copy[2:30, 2:30].min() >= 200 and copy[:2].max() == 0 and copy[:, 30:].max() == 0
+
+
+def test_presets_follow_the_number_of_images():
+    """small with Fashion-MNIST's 60,000 images is the shipped schedule; fewer images shrink the codebook (16 tokens a
+    codeword at least) and K with it; steps follow the epochs, with a floor; a --config value is checked by its key."""
+    small = resolve("small", 60000, 10000, {})
+    assert (small.tokenizer_steps, small.steps, small.codebook_size, small.k, small.eval_every, small.eval_items) == (
+        3600, 4690, 4096, 128, 469, 2000)
+    few = resolve("small", 200, 20, {})
+    assert (few.codebook_size, few.k, few.steps, few.eval_items) == (512, 16, 1000, 20)  # 200 x 64 tokens / 16 -> 512
+    assert resolve("small", 60000, 10000, {"batch_size": 32}).steps == 5 * 1875
+    assert resolve("tiny", 27, 9, {"steps": 30.0}).steps == 30  # TOML's 30.0 is the whole number 30
+    with pytest.raises(CtfgenError, match="steps must be a whole number"):
+        resolve("tiny", 27, 9, {"steps": "30"})
+    with pytest.raises(CtfgenError, match="stage1_model 'GPT-Q' is not one of"):
+        resolve("tiny", 27, 9, {"stage1_model": "GPT-Q"})
 
 
 def _weights(pipeline: Path) -> dict:

@@ -3,7 +3,8 @@
     tiny   a test: well under a minute on two CPU cores (VQ-tiny, GPT-tiny, 16 px, fp32)
     small  a few thousand images on a CPU: the shipped Fashion-MNIST sizes and schedule (VQ-fmnist, K = 128, GPT-S
            stage 1 and baseline, GPT-XS stage 2, 5 epochs of batch 64 at lr 5e-4 with cosine decay; 32 px)
-    base   GPUs: LlamaGen-B sizes (VQ-16 with 16384 codes, K = 512, GPT-B; batch 256 at lr 1e-4; 256 px)
+    base   GPUs: LlamaGen-B sizes (VQ-16 with 16384 codes, K = 512, GPT-B stage 1 and baseline, the paper's
+           GPT-L-sized refiner; LlamaGen's batch 256 at a constant lr 1e-4; 256 px, mirrored codes too)
 
 A preset holds rules; `resolve` turns them into the concrete choices for n training images (a FitConfig, which
 fit.json records) under the overrides: a TOML file (--config) and the command's flags (--k, --image-size,
@@ -56,6 +57,7 @@ class FitConfig:
     tokenizer_warmup_steps: int = _rule(NON_NEGATIVE)
     tokenizer_restart_every: int = _rule(NON_NEGATIVE)  # dead codewords restarted every N steps (0: never)
     tokenizer_ckpt_every: int = _rule(POSITIVE)
+    tokenizer_precision: str = field()  # as `precision`, for the tokenizer's training (the shipped one: fp32)
     k: int = _rule(Whole(2, MAX_VOCAB))  # clusters: the coarse vocabulary
     stage1_model: str = field()  # GPT presets (ctfgen.models.config.GPT_PRESETS)
     stage2_model: str = field()
@@ -101,7 +103,8 @@ PRESETS = {
                         tokenizer_batch_size=8, tokenizer_lr=3e-3, tokenizer_warmup_steps=5, tokenizer_restart_every=10,
                         tokenizer_ckpt_every=10, stage1_model="GPT-tiny", stage2_model="GPT-tiny",
                         baseline_model="GPT-tiny", flip=False, batch_size=8, lr=1e-3, warmup_steps=5, dropout=0.0,
-                        eval_items=64, ckpt_every=10, compile=False, precision="fp32", pipeline_dtype="fp32",
+                        eval_items=64, ckpt_every=10, compile=False, precision="fp32", tokenizer_precision="fp32",
+                        pipeline_dtype="fp32",
                         eval_per_class=8, grid_per_class=4),
                    tokenizer_epochs=4, tokenizer_min_steps=40, epochs=4, min_steps=40, codes_per_cluster=8, evals=4),
     "small": Preset(dict(_COMMON, image_size=32, tokenizer_model="VQ-fmnist", codebook_size=4096,
@@ -109,15 +112,17 @@ PRESETS = {
                          tokenizer_restart_every=100, tokenizer_ckpt_every=200, stage1_model="GPT-S",
                          stage2_model="GPT-XS", baseline_model="GPT-S", flip=False, batch_size=64, lr=5e-4,
                          warmup_steps=100, dropout=0.0, eval_items=2000, ckpt_every=200, compile=True,
-                         precision="auto", pipeline_dtype="fp16", eval_per_class=1000, grid_per_class=10),
+                         precision="auto", tokenizer_precision="fp32", pipeline_dtype="fp16", eval_per_class=1000,
+                         grid_per_class=10),
                     tokenizer_epochs=3, tokenizer_min_steps=3600, epochs=5, min_steps=1000, codes_per_cluster=32,
                     evals=10),
     "base": Preset(dict(_COMMON, image_size=256, tokenizer_model="VQ-16", codebook_size=16384,
                         tokenizer_batch_size=128, tokenizer_lr=1e-4, tokenizer_warmup_steps=1000,
                         tokenizer_restart_every=100, tokenizer_ckpt_every=1000, stage1_model="GPT-B",
-                        stage2_model="GPT-B", baseline_model="GPT-B", flip=True, batch_size=256, lr=1e-4,
-                        warmup_steps=0, dropout=None, eval_items=10000, ckpt_every=1000, compile=True,
-                        precision="auto", pipeline_dtype="bf16", eval_per_class=50, grid_per_class=8),
+                        stage2_model="GPT-L", baseline_model="GPT-B", flip=True, batch_size=256, lr=1e-4,
+                        warmup_steps=0, lr_schedule="constant", dropout=None, eval_items=10000, ckpt_every=1000,
+                        compile=True, precision="auto", tokenizer_precision="auto", pipeline_dtype="bf16",
+                        eval_per_class=50, grid_per_class=8),
                    tokenizer_epochs=40, tokenizer_min_steps=20000, epochs=100, min_steps=10000, codes_per_cluster=32,
                    evals=20),
 }
@@ -134,7 +139,8 @@ def _choices() -> dict[str, tuple]:
 
     gpts = tuple(GPT_PRESETS)
     return {"tokenizer_model": tuple(VQ_PRESETS), "stage1_model": gpts, "stage2_model": gpts, "baseline_model": gpts,
-            "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "pipeline_dtype": tuple(DTYPES)}
+            "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "tokenizer_precision": PRECISIONS,
+            "pipeline_dtype": tuple(DTYPES)}
 
 
 def read_toml(path) -> dict:

@@ -28,7 +28,7 @@ LOG_EVERY = 10  # steps between the training-loss lines of a run's metrics.jsonl
 TRANSFORMER_OPTIONS = ("steps", "batch_size", "lr", "warmup_steps", "lr_schedule", "dropout", "eval_every",
                        "eval_items", "seed", "precision", "compile", "flip")
 TOKENIZER_OPTIONS = ("tokenizer_model", "codebook_size", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr",
-                     "tokenizer_warmup_steps", "tokenizer_restart_every", "image_size", "seed", "precision")
+                     "tokenizer_warmup_steps", "tokenizer_restart_every", "image_size", "seed", "tokenizer_precision")
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _train_tokenizer(ctx: Context, resume: bool) -> dict:
                                batch_size=c.tokenizer_batch_size, lr=c.tokenizer_lr,
                                warmup_steps=c.tokenizer_warmup_steps, restart_every=c.tokenizer_restart_every,
                                ckpt_every=c.tokenizer_ckpt_every, log_every=LOG_EVERY, seed=c.seed,
-                               precision=c.precision, resume=resume, progress=ctx.progress)
+                               precision=c.tokenizer_precision, resume=resume, progress=ctx.progress)
     return _finished_run(cfg, ctx, train_in, ("loss", "rec_mse", "psnr_batch", "codebook_usage_window"))
 
 
