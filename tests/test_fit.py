@@ -124,7 +124,13 @@ def test_fit_tiny_end_to_end_then_sample(fitted, shapes, tmp_path):
     assert set(report["training"]) == {"stage1", "stage2", "baseline"}
     assert all(len(curve["eval_loss"]) == 4 for curve in report["training"].values())  # every 10 of 40 steps
     assert report["fid"] == {} and any("no FID" in note for note in report["notes"])
-    assert {"report/samples_ctf.png", "report/samples_baseline.png"} <= set(report["figures"])
+    figures = {"report/samples_ctf.png", "report/samples_baseline.png"}
+    try:
+        import matplotlib  # noqa: F401
+        figures |= {f"report/loss_{stage}.png" for stage in ("stage1", "stage2", "baseline")}
+    except ImportError:
+        assert any("matplotlib is not installed" in note for note in report["notes"])
+    assert set(report["figures"]) == figures and all((out / name).is_file() for name in figures)
     text = (out / "report.md").read_text()
     assert "broken.png" in text and "![report/samples_ctf.png]" in text
     print(f"tiny preset fit: {seconds:.1f}s")
@@ -155,6 +161,20 @@ def test_changed_option_redoes_that_step_and_the_ones_after_it(fitted, shapes, t
     assert CTFPipeline.from_pretrained(out / "pipeline").coarse_map.k == 4
 
 
+def test_reuses_a_given_tokenizer_and_can_leave_the_baseline_out(fitted, shapes, tmp_path):
+    from ctfgen.pipeline import CTFPipeline
+
+    tokenizer = fitted[0] / "pipeline" / "tokenizer"
+    status, stdout, stderr = run_fit("--data", shapes, "--out", tmp_path / "run", "--tokenizer", tokenizer,
+                                     "--no-baseline")
+    assert status == 0, stderr
+    assert f"tokenizer: reusing {tokenizer}" in stdout and not (tmp_path / "run" / "runs" / "tokenizer").exists()
+    assert step_lines(stdout, "done in") == [step for step in STEPS if step != "baseline"]
+    pipe = CTFPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.baseline is None
+    assert pipe.tokenizer.fingerprint == CTFPipeline.from_pretrained(tokenizer.parent).tokenizer.fingerprint
+
+
 def test_refusals_leave_nothing_written(tmp_path, shapes):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -176,6 +196,10 @@ def test_refusals_leave_nothing_written(tmp_path, shapes):
     (empty / "a" / "x.png").write_bytes(b"junk")
     status, _, stderr = run_fit("--data", empty, "--out", tmp_path / "out")
     assert status == 2 and "no usable image (1 unreadable" in stderr and not (tmp_path / "out").exists()
+
+    (tmp_path / "bare").mkdir()
+    status, _, stderr = run_fit("--data", tmp_path / "bare", "--out", tmp_path / "out")
+    assert status == 2 and "has no class sub-folders" in stderr and not (tmp_path / "out").exists()
 
     config = tmp_path / "fit.toml"
     config.write_text("stpes = 3\n")
