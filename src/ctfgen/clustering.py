@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from ctfgen.choices import CLUSTER_METHODS
 from ctfgen.errors import CtfgenError
 from ctfgen.files import save_tensors, write_atomic
 from ctfgen.tokenizer.model import codebook_fingerprint
 from ctfgen.validation import MAX_VOCAB
 
-METHODS = ("kmeans", "random")
 FORMAT = "ctfgen-coarse-map-v1"
 INTEGER_DTYPES = ("U8", "I8", "U16", "I16", "U32", "I32", "I64")  # safetensors' names
 
@@ -109,8 +109,9 @@ class CoarseMap:
         empty = int((self.cluster_sizes() == 0).sum())
         if empty:
             raise CtfgenError(f"clusters without a member: {empty} of the {self.k}")
-        if self.method not in METHODS:
-            raise CtfgenError(f"unknown clustering method {self.method!r}; the map must be one of {', '.join(METHODS)}")
+        if self.method not in CLUSTER_METHODS:
+            raise CtfgenError(f"unknown clustering method {self.method!r}; the map must be one of "
+                              f"{', '.join(CLUSTER_METHODS)}")
 
     @property
     def vocab_size(self) -> int:
@@ -211,8 +212,8 @@ def cluster_codebook(codebook: torch.Tensor, k: int, method: str = "kmeans", see
     Pass the tokenizer's stored codebook weights (`VQModel.codebook_weights`): they are
     normalised here, and the map's fingerprint is taken from them."""
     v = len(codebook)
-    if method not in METHODS:
-        raise CtfgenError(f"unknown clustering method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in CLUSTER_METHODS:
+        raise CtfgenError(f"unknown clustering method {method!r}; use one of {', '.join(CLUSTER_METHODS)}")
     if not 1 <= k <= v:
         raise CtfgenError(f"--k must be between 1 and the codebook size {v}, got {k}")
     if n_init < 1:

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from ctfgen.choices import PRECISIONS as PRECISIONS  # the names resolve_precision takes, re-exported
 
 
 def cpu_has_fast_bf16() -> bool:

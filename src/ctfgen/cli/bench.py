@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctfgen.backends.precision import PRECISIONS
+from ctfgen.choices import PRECISIONS
 from ctfgen.cli.common import add_json_flag, add_pipeline_flag, number_flag, print_json
 from ctfgen.sampling.params import STAGE1_DEFAULTS
 from ctfgen.validation import FINITE, POSITIVE

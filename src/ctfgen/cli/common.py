@@ -10,7 +10,7 @@ import sys
 import types
 import typing
 
-from ctfgen.checkpoint import DTYPES
+from ctfgen.choices import WEIGHT_DTYPES
 from ctfgen.data.assets import pretrained_dir
 from ctfgen.validation import IMAGE_SIZE, WHOLE, flag_name, rule_of
 
@@ -115,7 +115,7 @@ def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     """--dtype of the weights a command writes (export, assemble): as they are stored, unless a cast is asked for."""
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast the floating-point weights to this, e.g. fp16 "
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, help="cast the floating-point weights to this, e.g. fp16 "
                         "to ship (a cast that rounds says so); default: as they are stored, nothing lost")
 
 

@@ -6,15 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ctfgen.checkpoint import (
-    DTYPE_NAMES,
-    checkpoint_step,
-    is_checkpoint,
-    load_config,
-    load_weights,
-    save_checkpoint,
-    stored_dtypes,
-)
+from ctfgen.choices import CLUSTER_METHODS
 from ctfgen.cli.common import (
     add_data_flags,
     add_device_flag,
@@ -26,10 +18,8 @@ from ctfgen.cli.common import (
     number_flag,
     print_json,
 )
-from ctfgen.clustering import METHODS, CoarseMap, cluster_codebook
 from ctfgen.errors import CtfgenError
 from ctfgen.files import write_dir_atomic
-from ctfgen.tokenizer.model import VQModel
 from ctfgen.validation import NON_NEGATIVE, POSITIVE, SEED, check_destination, check_output
 
 
@@ -37,8 +27,8 @@ def register(commands) -> None:
     cluster = commands.add_parser("cluster", help="k-means (or random) clustering of a codebook -> coarse map")
     add_tokenizer_flag(cluster)
     number_flag(cluster, "--k", POSITIVE, required=True, help="number of clusters (coarse vocabulary)")
-    cluster.add_argument("--method", choices=METHODS, default="kmeans", help="k-means, or a random partition (the "
-                         "control) (default %(default)s)")
+    cluster.add_argument("--method", choices=CLUSTER_METHODS, default="kmeans", help="k-means, or a random "
+                         "partition (the control) (default %(default)s)")
     number_flag(cluster, "--seed", SEED, default=0, help="k-means++ starts or the random partition "
                          "(default %(default)s)")
     number_flag(cluster, "--n-init", POSITIVE, default=4, help="k-means restarts; the best is kept "
@@ -100,6 +90,9 @@ def register(commands) -> None:
 
 
 def cmd_cluster(args) -> None:
+    from ctfgen.clustering import CoarseMap, cluster_codebook
+    from ctfgen.tokenizer.model import VQModel
+
     check_output(args.out, flag="--out", what="a ctfgen coarse map", is_ours=CoarseMap.is_coarse_map,
                  overwrite=args.overwrite, directory=False)
     tic = time.perf_counter()
@@ -120,6 +113,7 @@ def cmd_cluster(args) -> None:
 def cmd_extract(args) -> None:
     from ctfgen.data.codes import extract_codes, is_codes_dir
     from ctfgen.data.datasets import load_dataset
+    from ctfgen.tokenizer.model import VQModel
     from ctfgen.training.distributed import launched
 
     check_output(args.out, flag="--out", what="extracted codes", is_ours=is_codes_dir, overwrite=args.overwrite)
@@ -137,6 +131,7 @@ def cmd_extract(args) -> None:
 
 
 def cmd_redundancy(args) -> None:
+    from ctfgen.clustering import CoarseMap
     from ctfgen.data.images import make_grid, save_png
     from ctfgen.evaluation.redundancy import redundancy_study
 
@@ -167,6 +162,8 @@ def _is_redundancy_study(path: Path) -> bool:
 
 
 def cmd_export(args) -> None:
+    from ctfgen.checkpoint import is_checkpoint, load_config, load_weights, save_checkpoint, stored_dtypes
+
     check_output(args.out, flag="output directory", what="a ctfgen checkpoint", is_ours=is_checkpoint,
                  overwrite=args.overwrite)
     config = load_config(args.checkpoint, kind=None)
@@ -186,16 +183,21 @@ def cmd_export(args) -> None:
 
 def _weights_written(dtype: str | None, stored) -> str:
     """How the weights were written: cast to `dtype`, or as they were stored (in these dtypes)."""
+    from ctfgen.checkpoint import DTYPE_NAMES
+
     if dtype is not None:
         return f"weights cast to {dtype}"
     return f"weights as stored: {', '.join(sorted({DTYPE_NAMES[d] for d in stored}))}"
 
 
 def cmd_assemble(args) -> None:
+    from ctfgen.checkpoint import checkpoint_step
+    from ctfgen.clustering import CoarseMap
     from ctfgen.data.datasets import FMNIST_CLASSES
     from ctfgen.models.gpt import GPT
     from ctfgen.models.refiner import Refiner
     from ctfgen.pipeline import INDEX_NAME, CTFPipeline
+    from ctfgen.tokenizer.model import VQModel
 
     out = check_output(args.out, flag="--out", what="a ctfgen pipeline", overwrite=args.overwrite,
                        is_ours=lambda path: (path / INDEX_NAME).is_file())
@@ -230,6 +232,9 @@ def cmd_assemble(args) -> None:
 
 def _check_part_paths(pipe, out: Path) -> None:
     """Refuse to assemble into a directory where a part's path holds something ctfgen did not write."""
+    from ctfgen.checkpoint import is_checkpoint
+    from ctfgen.clustering import CoarseMap
+
     for name, relative in pipe.part_paths().items():
         path, is_map = out / relative, name == "coarse_map"
         check_destination(path, directory=not is_map)

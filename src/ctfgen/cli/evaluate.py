@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ctfgen.checkpoint import is_checkpoint
 from ctfgen.cli.common import (
     add_dataclass_flags,
     add_device_flag,
@@ -18,7 +17,7 @@ from ctfgen.cli.common import (
     show_progress,
 )
 from ctfgen.errors import CtfgenError
-from ctfgen.evaluation.classifier import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig, train_classifier
+from ctfgen.evaluation.classifier_config import CHECKPOINT_KIND, ClassifierConfig, ClassifierTrainConfig
 from ctfgen.validation import POSITIVE, SEED, check_output
 
 # The classifier's settings that are fixed for Fashion-MNIST: not flags.
@@ -118,6 +117,9 @@ def cmd_eval(args) -> None:
 
 def cmd_eval_train_classifier(args) -> None:
     import torch
+
+    from ctfgen.checkpoint import is_checkpoint
+    from ctfgen.evaluation.classifier import train_classifier
 
     check_output(args.out, flag="--out", what="a feature classifier", overwrite=args.overwrite,
                  is_ours=lambda path: is_checkpoint(path, CHECKPOINT_KIND))

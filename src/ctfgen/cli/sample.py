@@ -10,7 +10,6 @@ from dataclasses import fields, replace
 from itertools import combinations
 from pathlib import Path
 
-from ctfgen.checkpoint import DTYPES
 from ctfgen.cli.common import add_overwrite_flag, add_pipeline_flag, number_flag
 from ctfgen.data.images import is_ctfgen_npz, is_ctfgen_png, is_ctfgen_png_dir
 from ctfgen.errors import CtfgenError
@@ -137,6 +136,7 @@ def _check_outputs(args, outputs: dict[str, tuple]) -> None:
 
 
 def cmd_sample(args) -> None:
+    from ctfgen.checkpoint import DTYPES
     from ctfgen.pipeline import CTFPipeline
     from ctfgen.sampling.sample_ddp import sample_sharded
     from ctfgen.training.distributed import launched

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ctfgen.cli.common import add_pipeline_flag, number_flag
-from ctfgen.serve.actions import Limits
+from ctfgen.serve.limits import Limits
 from ctfgen.validation import PORT, POSITIVE, WHOLE
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ctfgen.cli.common import add_dataclass_flags, config_from_args, show_progress
-from ctfgen.tokenizer.train import TokenizerTrainConfig, train_tokenizer
-from ctfgen.training.train import TrainConfig, train
+from ctfgen.tokenizer.config import TokenizerTrainConfig
+from ctfgen.training.config import TrainConfig
 
 
 def register(commands) -> None:
@@ -21,6 +21,8 @@ def register_tokenizer_train(tokenizer_commands) -> None:
 
 
 def cmd_train(args) -> None:
+    from ctfgen.training.train import train
+
     result = train(config_from_args(TrainConfig, args, progress=show_progress(args)))
     if result is not None:  # the main process reports
         extra = "".join(f", {k} {result[k]:.4f}" for k in ("loss", "eval_loss", "eval_acc") if k in result)
@@ -28,6 +30,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
+    from ctfgen.tokenizer.train import train_tokenizer
+
     result = train_tokenizer(config_from_args(TokenizerTrainConfig, args, progress=show_progress(args)))
     if result is not None:  # the main process reports
         print(f"checkpoint: {result['checkpoint']} (step {result['step']})")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from ctfgen.files import write_atomic, write_dir_atomic
+
+if TYPE_CHECKING:  # torch tensors come in; the module itself needs no torch (the CLI's output checks use it)
+    import torch
 
 PNG_TAG = ("Software", "ctfgen")
 # An extra array in the .npz files ctfgen writes; readers of the ADM layout (arr_0, labels) pass over it.

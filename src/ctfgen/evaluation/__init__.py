@@ -8,10 +8,15 @@
     evaluate.py    scoring a sample file, and the real-vs-real floor
 """
 
-from ctfgen.evaluation.evaluate import EvalOptions, evaluate_floor, evaluate_images, evaluate_npz, evaluate_pipeline
-from ctfgen.evaluation.features import FeatureNetwork, Features, extract_features, load_feature_network
-from ctfgen.evaluation.metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from ctfgen.lazy import lazy_names
 
-__all__ = ["EvalOptions", "Features", "FeatureNetwork", "evaluate_floor", "evaluate_images", "evaluate_npz",
-           "evaluate_pipeline", "extract_features", "frechet_distance", "gaussian_stats", "inception_score",
-           "load_feature_network", "precision_recall"]
+_HOMES = {  # loaded on first use (`ctfgen.lazy`): the classifier's configs need no torch
+    **dict.fromkeys(["EvalOptions", "evaluate_floor", "evaluate_images", "evaluate_npz", "evaluate_pipeline"],
+                    "ctfgen.evaluation.evaluate"),
+    **dict.fromkeys(["FeatureNetwork", "Features", "extract_features", "load_feature_network"],
+                    "ctfgen.evaluation.features"),
+    **dict.fromkeys(["frechet_distance", "gaussian_stats", "inception_score", "precision_recall"],
+                    "ctfgen.evaluation.metrics"),
+}
+__all__ = list(_HOMES)
+__getattr__, __dir__ = lazy_names(globals(), _HOMES)

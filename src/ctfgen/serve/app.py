@@ -10,7 +10,8 @@ from __future__ import annotations
 from ctfgen.errors import CtfgenError
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
-from ctfgen.serve.actions import MODES, Demo, Limits
+from ctfgen.serve.actions import MODES, Demo
+from ctfgen.serve.limits import Limits
 from ctfgen.serve.offline import import_gradio
 
 INTRO = """# ctfgen: coarse-to-fine image generation

@@ -8,68 +8,21 @@ matter for that are kept on purpose and marked below.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.checkpoint import PretrainedMixin
-from ctfgen.errors import CtfgenError
-from ctfgen.validation import MAX_VOCAB, MAX_WIDTH, PROBABILITY, Real, Whole, check_fields, ruled
+from ctfgen.tokenizer.config import GROUPS, VQ_PRESETS, VQConfig
 
 CHECKPOINT_KIND = "vq-tokenizer"
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage buffer has this length whatever the codebook size
-GROUPS = 32  # GroupNorm groups (LlamaGen): every feature width must be a multiple of this
-
-
-@dataclass
-class VQConfig:
-    codebook_size: int = ruled(16384, Whole(1, MAX_VOCAB))
-    codebook_embed_dim: int = ruled(8, Whole(1, MAX_WIDTH))
-    codebook_l2_norm: bool = True
-    commit_loss_beta: float = ruled(0.25, Real(0))
-    entropy_loss_ratio: float = ruled(0.0, Real(0))
-    ch: int = ruled(128, Whole(1, MAX_WIDTH))
-    encoder_ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    decoder_ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = ruled(2, Whole(1, 64))
-    z_channels: int = ruled(256, Whole(1, MAX_WIDTH))
-    dropout_p: float = ruled(0.0, PROBABILITY)
-
-    def __post_init__(self):
-        check_fields(self)
-        for name in ("encoder_ch_mult", "decoder_ch_mult"):
-            mult = getattr(self, name)
-            if not 1 <= len(mult) <= 8 or any(not 1 <= m or self.ch * m > MAX_WIDTH for m in mult):
-                raise CtfgenError(f"{name} must be 1 to 8 positive channel multipliers with ch x multiplier <= "
-                                  f"{MAX_WIDTH}, got {mult}")
-            if any(self.ch * m % GROUPS for m in mult):
-                raise CtfgenError(f"ch {self.ch} x {name} {mult} must give multiples of {GROUPS} channels (GroupNorm)")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.encoder_ch_mult) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-VQ_PRESETS = {
-    # LlamaGen's VQ-16: 16x downsampling, 16384 x 8 codebook (72M parameters).
-    "VQ-16": VQConfig(),
-    "VQ-8": VQConfig(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),
-    # CPU-sized for the bundled Fashion-MNIST: 4x downsampling, 32x32 -> 8x8 tokens, 4096 codes.
-    "VQ-fmnist": VQConfig(codebook_size=4096, ch=32, encoder_ch_mult=[1, 1, 2], decoder_ch_mult=[1, 1, 2],
-                          num_res_blocks=1, z_channels=64),
-    # For tests only: seconds to train.
-    "VQ-tiny": VQConfig(codebook_size=64, codebook_embed_dim=4, ch=32, encoder_ch_mult=[1, 1],
-                        decoder_ch_mult=[1, 1], num_res_blocks=1, z_channels=32),
-}
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)  # LlamaGen: eps 1e-6
+    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)  # LlamaGen: eps 1e-6
 
 
 class ResnetBlock(nn.Module):

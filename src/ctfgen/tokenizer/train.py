@@ -9,87 +9,25 @@ continues exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ctfgen.backends.precision import PRECISIONS, autocast_context
+from ctfgen.backends.precision import autocast_context
 from ctfgen.checkpoint import RESUME_FIX
 from ctfgen.data.batches import StepBatchSampler
 from ctfgen.data.datasets import collate_images, load_dataset
 from ctfgen.errors import CtfgenError
 from ctfgen.seeding import CODE_RESTARTS, derived_generator
+from ctfgen.tokenizer.config import VQ_PRESETS, TokenizerTrainConfig, VQConfig
 from ctfgen.tokenizer.discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
-from ctfgen.tokenizer.model import VQ_PRESETS, VQConfig, VQModel
+from ctfgen.tokenizer.model import VQModel
 from ctfgen.training.distributed import Runtime, all_reduce_sum, broadcast, launched
 from ctfgen.training.run import TrainingRun
 from ctfgen.training.schedule import learning_rate
 from ctfgen.training.state import check_optimizer_state
-from ctfgen.validation import (
-    DECAY,
-    IMAGE_SIZE,
-    MAX_VOCAB,
-    NON_NEGATIVE,
-    POSITIVE,
-    RATE,
-    SEED,
-    Real,
-    Whole,
-    check_fields,
-)
-
-
-@dataclass
-class TokenizerTrainConfig:
-    """One tokenizer training run. `ctfgen tokenizer train` takes its flags from these fields (see
-    ctfgen.training.train.TrainConfig)."""
-
-    out: str = field(metadata={"help": "run directory (checkpoint/, metrics.jsonl)"})
-    model: str = field(default="VQ-fmnist", metadata={"help": "model preset", "choices": tuple(VQ_PRESETS)})
-    data: str = field(default="fmnist", metadata={"help": "'fmnist' (bundled) or an image folder in ImageNet layout"})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "Fashion-MNIST IDX directory (default $CTFGEN_DATA or /usr/share/datasets/fashion-mnist)"})
-    image_size: int = field(default=256, metadata={"help": "resize/crop size for image folders (Fashion-MNIST is "
-                                                           "32x32)", "rule": IMAGE_SIZE})
-    skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images with a warning"})
-    codebook_size: int | None = field(default=None, metadata={"help": "codewords, instead of the preset's",
-                                                              "rule": Whole(1, MAX_VOCAB)})
-    steps: int = field(default=2000, metadata={"help": "optimizer steps", "rule": POSITIVE})
-    batch_size: int = field(default=128, metadata={"help": "images per step, over all processes", "rule": POSITIVE})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine decay after warm-up)", "rule": RATE})
-    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps",
-                                                     "rule": NON_NEGATIVE})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "rule": Real(0)})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "rule": DECAY})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "rule": DECAY})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this", "rule": RATE})
-    entropy_loss_ratio: float = field(default=0.0, metadata={
-        "help": "weight of the entropy loss that spreads the codebook usage (0 = off)", "rule": Real(0)})
-    gan_weight: float = field(default=0.0, metadata={"help": "weight of the PatchGAN loss; 0 disables the "
-                                                             "discriminator", "rule": Real(0)})
-    gan_start: int = field(default=1000, metadata={"help": "the step the GAN loss starts at", "rule": NON_NEGATIVE})
-    restart_every: int = field(default=100, metadata={
-        "help": "every N steps, restart the codewords unused since the last time at encoder latents (0 = never)",
-        "rule": NON_NEGATIVE})
-    ckpt_every: int = field(default=250, metadata={"help": "checkpoint every N steps (also at the end and on "
-                                                           "SIGTERM/SIGINT)", "rule": POSITIVE})
-    log_every: int = field(default=10, metadata={"help": "metrics to metrics.jsonl every N steps", "rule": POSITIVE})
-    seed: int = field(default=0, metadata={"help": "initial weights, data order and codeword restarts", "rule": SEED})
-    precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on CUDA or bf16-capable CPUs, fp32 elsewhere (see ctfgen.backends.precision)",
-        "choices": PRECISIONS})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N; under torchrun with cuda each "
-                                                          "process takes its own GPU"})
-    num_workers: int = field(default=0, metadata={"help": "data loading processes (0: in the training process)",
-                                                  "rule": NON_NEGATIVE})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
-    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 def build_model(cfg: TokenizerTrainConfig) -> VQModel:
