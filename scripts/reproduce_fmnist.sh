@@ -15,8 +15,8 @@ scripts/setup.sh && .venv/bin/pip install -q -e ".[plots]"  # matplotlib for the
 #    One step differs from the shipped run and cannot be repeated: that run was stopped by SIGTERM at step 1,237 of
 #    a 2,400-step cosine schedule and resumed with --steps 3600, so its first 1,237 steps had a slightly lower
 #    learning rate than this single 3,600-step schedule gives (no flag stops a run at a chosen step). The weights
-#    also depend on the codeword restarts, whose seeding changed since (b277d0a), so a rebuild is the same recipe,
-#    not the same bytes; step 1 is skipped while the shipped tokenizer is there.
+#    also depend on the data order and the codeword restarts, whose seeding changed since (b277d0a, c811e31), so a
+#    rebuild is the same recipe, not the same bytes; step 1 is skipped while the shipped tokenizer is there.
 if [ ! -f "$OUT/tokenizer/model.safetensors" ]; then
   $CTFGEN tokenizer train --out "$RUNS/vq_fmnist" --model VQ-fmnist --steps 3600 --batch-size 64 --lr 1e-3 \
     --precision fp32 --ckpt-every 200 $( [ -f "$RUNS/vq_fmnist/checkpoint/train_state.pt" ] && echo --resume )
