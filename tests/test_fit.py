@@ -150,6 +150,10 @@ def test_rerun_redoes_nothing(fitted, shapes):
 def test_changed_option_redoes_that_step_and_the_ones_after_it(fitted, shapes, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(fitted[0], out, symlinks=True)
+    stale = [out / ".pipeline.k1ll3d00", out / ".report.md.k1ll3d00", out / ".fit.json.k1ll3d00"]  # killed writes
+    shutil.copytree(out / "pipeline", stale[0])
+    stale[1].write_text("half a rep")
+    stale[2].write_text("{")
     status, stdout, stderr = run_fit("--data", shapes, "--out", out, "--k", 4)
     assert status == 0, stderr
     assert step_lines(stdout, "skipped") == ["data", "tokenizer", "codes", "baseline"]
@@ -159,6 +163,7 @@ def test_changed_option_redoes_that_step_and_the_ones_after_it(fitted, shapes, t
     from ctfgen.pipeline import CTFPipeline
 
     assert CTFPipeline.from_pretrained(out / "pipeline").coarse_map.k == 4
+    assert not any(path.exists() for path in stale)
 
 
 def test_reuses_a_given_tokenizer_and_can_leave_the_baseline_out(fitted, shapes, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from ctfgen.errors import CtfgenError
 from ctfgen.fit.data import FitData, fmnist_data, folder_fingerprint, is_data_dir, scan_folder
 from ctfgen.fit.presets import PRESETS, FitConfig, resolve
-from ctfgen.fit.state import FitState
+from ctfgen.fit.state import FIT_JSON, FitState
 from ctfgen.fit.steps import Context, Step, plan, step_fingerprint
 from ctfgen.training.distributed import Runtime, all_gather_object, barrier, launched
 
@@ -51,6 +51,7 @@ def fit(request: FitRequest) -> dict | None:
     with launched(request.device) as runtime:
         state, config, data, layout, data_inputs = prepare(request, speak=runtime.is_main)
         if runtime.is_main:
+            remove_stale_writes(Path(request.out), Path(FIT_JSON).stem)
             state.begin(command=request.command, preset=request.preset, data=_summary(data), config=asdict(config))
         ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command, request.preset,
                       request.tokenizer, request.inception_weights, layout)
@@ -83,6 +84,8 @@ def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) 
         if runtime.is_main:
             if action == "run" and step.run_dir is not None and step.run_dir.exists():
                 shutil.rmtree(step.run_dir)  # another fingerprint's run (ours: inside the fit's folder)
+            if not step.heavy and step.output is not None:  # (a training run or an extraction removes its own)
+                remove_stale_writes(step.output.parent, step.output.stem)
             state.started(step.name, step.fingerprint, step.inputs)
             say(f"{label}: {step.what}" + (f" ({why})" if why else ""))
         barrier(runtime)
@@ -94,6 +97,16 @@ def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) 
             ctx.results[step.name], ctx.seconds[step.name] = result, round(seconds, 2)
             state.done(step.name, step.fingerprint, step.inputs, seconds, result)
             say(f"{label}: done in {_duration(seconds)}")
+
+
+def remove_stale_writes(folder: Path, stem: str) -> None:
+    """Remove what a write killed half-way left in the fit's `folder`: ctfgen.files writes `name` to a temporary
+    sibling `.name.XXXXXXXX` (a file or a folder) and renames it when complete. Only hidden entries named so."""
+    for path in folder.glob(f".{stem}.*") if folder.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def prepare(request: FitRequest, speak: bool = True) -> tuple[FitState, FitConfig, FitData, dict | None, dict]:
