@@ -135,3 +135,27 @@ def test_training_mode_reveals_targets_and_eval_mode_does_not():
     refiner.eval()
     refiner(coarse, labels, targets)
     assert seen[-1] is None  # nothing revealed: the loss scores every position
+
+
+def test_the_pipeline_samples_stage_2_in_steps_under_its_seeding_rule(tmp_path):
+    """Through the pipeline: more stage-2 passes leave stage 1's numbers (and so the coarse grids) as they were, keep
+    every token in its cluster, give each image the same tokens whatever the batch, and survive a save and load."""
+    from test_pipeline import make_parts
+
+    from ctfgen.pipeline import CTFPipeline
+
+    parts = make_parts()
+    torch.manual_seed(1)
+    parts["stage2"] = Refiner(refiner_config("GPT-tiny", coarse_vocab_size=8, vocab_size=64, block_size=64,
+                                             num_classes=10, fine_inputs=True)).eval()
+    torch.nn.init.normal_(parts["stage2"].output.weight, std=0.5)
+    pipe = CTFPipeline(**parts)
+    one = pipe([0, 3, 7], seed=5, output_type="pt")
+    three = pipe([0, 3, 7], seed=5, stage2_sampling=SamplingParams(steps=3), output_type="pt")
+    assert torch.equal(one.coarse, three.coarse) and not torch.equal(one.tokens, three.tokens)
+    assert torch.equal(pipe.coarse_map.coarse_of_fine[three.tokens], three.coarse)
+    batched = pipe([0, 3, 7], seed=5, stage2_sampling=SamplingParams(steps=3), batch_size=2, output_type="pt")
+    assert torch.equal(batched.tokens, three.tokens)
+    again = CTFPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "pipe"))
+    reloaded = again([0, 3, 7], seed=5, stage2_sampling=SamplingParams(steps=3), output_type="pt")
+    assert torch.equal(reloaded.tokens, three.tokens)

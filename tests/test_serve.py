@@ -55,10 +55,10 @@ def demo(pipe):
 
 
 def form(classes=("Sneaker",), one_of_each=False, per_class=2, seed=3, mode="CTF", cfg_scale=2.0, temperature=1.0,
-         top_k=0, stage2_temperature=1.0, stage2_top_k=0):
+         top_k=0, stage2_temperature=1.0, stage2_top_k=0, stage2_steps=1):
     """The page's form as its widgets hand it over."""
     return [list(classes), one_of_each, per_class, seed, mode, cfg_scale, temperature, top_k, stage2_temperature,
-            stage2_top_k]
+            stage2_top_k, stage2_steps]
 
 
 def request(classes, seed, mode="ctf"):
@@ -237,6 +237,9 @@ def test_progress_streams_the_coarse_tokens_then_the_images(pipe, demo):
     (dict(top_k=9), "top_k must be between 0 .* 8"),
     (dict(mode="Baseline", top_k=65), "baseline: top_k must be between 0 .* 64"),
     (dict(stage2_top_k=65), "stage 2: top_k"),
+    (dict(stage2_steps=0), "stage 2: steps must be between 1 and"),
+    (dict(stage2_steps=None), "give a value for stage-2 steps"),
+    (dict(stage2_steps=4), "stage 2 in 4 steps needs a refiner trained with --reveal"),
     (dict(mode="Fast"), "choose one of CTF, Baseline, Both"),
 ])
 def test_bad_forms_are_refused_with_a_message(demo, changes, message):

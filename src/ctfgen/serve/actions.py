@@ -75,7 +75,7 @@ class Demo:
     # -- generate ------------------------------------------------------------------------------
 
     def requests(self, classes, one_of_each, per_class, seed, mode, cfg_scale, temperature, top_k,
-                 stage2_temperature, stage2_top_k) -> list[SamplingRequest]:
+                 stage2_temperature, stage2_top_k, stage2_steps=1) -> list[SamplingRequest]:
         """The page's form as one request per mode, each checked whole (the form's words for its boxes)."""
         if mode not in self.modes:
             raise CtfgenError(f"choose one of {', '.join(self.modes)}")
@@ -84,7 +84,7 @@ class Demo:
         per_class = whole_number(_number(per_class, "images of each class"), "images of each class", minimum=1)
         sampling = _params("stage 1", temperature=temperature, top_k=_number(top_k, "stage-1 top-k"),
                            cfg_scale=cfg_scale)
-        stage2 = _params("stage 2", temperature=stage2_temperature, top_k=_number(stage2_top_k, "stage-2 top-k"))
+        stage2 = _stage2_params(stage2_temperature, stage2_top_k, stage2_steps)
         requests = [SamplingRequest(range(self.pipe.num_classes) if one_of_each else classes, per_class, m, sampling,
                                     stage2, seed=_number(seed, "seed")).check(self.pipe) for m in MODES[mode]]
         total = requests[0].count
@@ -119,7 +119,7 @@ class Demo:
 
     # -- re-roll -------------------------------------------------------------------------------
 
-    def reroll_generated(self, result, index, n, seed, stage2_temperature, stage2_top_k):
+    def reroll_generated(self, result, index, n, seed, stage2_temperature, stage2_top_k, stage2_steps=1):
         """Variations of image `index` (from 1) of the last CTF result: its coarse labels, new stage-2 detail.
         Returns the grid (the image, its coarse preview, the variations) and a .npz of their tokens."""
         if not result:
@@ -129,9 +129,9 @@ class Demo:
         if i >= count:
             raise CtfgenError(f"image number {i + 1} is out of range; the last CTF result has images 1 to {count}")
         return self._reroll(result["coarse"][i:i + 1], result["labels"][i:i + 1], result["images"][i:i + 1],
-                            n, seed, stage2_temperature, stage2_top_k)
+                            n, seed, stage2_temperature, stage2_top_k, stage2_steps)
 
-    def reroll_upload(self, path, class_name, n, seed, stage2_temperature, stage2_top_k):
+    def reroll_upload(self, path, class_name, n, seed, stage2_temperature, stage2_top_k, stage2_steps=1):
         """Variations of an uploaded image, tokenized by the pipeline's tokenizer, as a `class_name` image."""
         if not self.has("ctf"):
             raise CtfgenError("re-rolling samples stage 2 again; this pipeline has no CTF stages")
@@ -143,13 +143,13 @@ class Demo:
         label = self.pipe.class_ids([class_name])
         with self.batcher.pipeline() as pipe:
             coarse = coarse_of_images(pipe, pixels)
-        return self._reroll(coarse, label, pixels, n, seed, stage2_temperature, stage2_top_k)
+        return self._reroll(coarse, label, pixels, n, seed, stage2_temperature, stage2_top_k, stage2_steps)
 
-    def _reroll(self, coarse, labels, originals, n, seed, stage2_temperature, stage2_top_k):
+    def _reroll(self, coarse, labels, originals, n, seed, stage2_temperature, stage2_top_k, stage2_steps):
         n = whole_number(_number(n, "variations"), "variations", minimum=1)
         if n > self.limits.max_images:
             raise CtfgenError(f"{n} variations asked for; one request may ask for at most {self.limits.max_images}")
-        stage2 = _params("stage 2", temperature=stage2_temperature, top_k=_number(stage2_top_k, "stage-2 top-k"))
+        stage2 = _stage2_params(stage2_temperature, stage2_top_k, stage2_steps)
         with self.batcher.pipeline() as pipe:
             out = pipe.variations(coarse, labels, n=n, stage2_sampling=stage2, seed=_number(seed, "re-roll seed"),
                                   output_type="pt")
@@ -173,3 +173,8 @@ def _params(stage: str, **values) -> SamplingParams:
         return SamplingParams(**values)
     except CtfgenError as e:
         raise CtfgenError(f"{stage}: {e}") from None
+
+
+def _stage2_params(temperature, top_k, steps) -> SamplingParams:
+    return _params("stage 2", temperature=temperature, top_k=_number(top_k, "stage-2 top-k"),
+                   steps=_number(steps, "stage-2 steps"))

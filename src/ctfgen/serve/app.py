@@ -80,6 +80,9 @@ def build_app(demo: Demo):
                     stage2_temperature = gr.Slider(0, 2, value=STAGE2_DEFAULTS.temperature, step=0.05,
                                                    label="Stage-2 temperature")
                     stage2_top_k = gr.Number(STAGE2_DEFAULTS.top_k, precision=0, label="Stage-2 top-k (0 = off)")
+                    stage2_steps = gr.Number(STAGE2_DEFAULTS.steps, precision=0, elem_id="stage2-steps",
+                                             label="Stage-2 steps (1 = one pass; more need a refiner trained with "
+                                                   "--reveal)")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -109,11 +112,11 @@ def build_app(demo: Demo):
         mode.change(panels, mode, [ctf_view, baseline_view], queue=False)
         one_of_each.change(lambda every: gr.Dropdown(interactive=not every), one_of_each, classes, queue=False)
         form = [classes, one_of_each, per_class, seed, mode, cfg_scale, temperature, top_k, stage2_temperature,
-                stage2_top_k]
+                stage2_top_k, stage2_steps]
         # Every waiting request holds a handler; the batcher, not gradio, bounds how many may wait.
         generate_button.click(generate, form, [ctf_view, baseline_view, stats, result], api_name="generate",
                               concurrency_limit=None, show_progress="minimal")
-        stage2 = [variations, reroll_seed, stage2_temperature, stage2_top_k]
+        stage2 = [variations, reroll_seed, stage2_temperature, stage2_top_k, stage2_steps]
         reroll_button.click(reroll(demo.reroll_generated), [result, index, *stage2], [reroll_view, tokens_file],
                             api_name="reroll", concurrency_limit=4, show_progress="minimal")
         upload_button.click(reroll(demo.reroll_upload), [upload, upload_class, *stage2], [reroll_view, tokens_file],
