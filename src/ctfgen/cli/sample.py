@@ -77,8 +77,8 @@ def _add_request_flags(parser) -> None:
     """The flags of `_request`: which model, seed, batch, and each stage's SamplingParams fields."""
     parser.add_argument("--baseline", action="store_true", help="sample the plain autoregressive baseline instead "
                         "of CTF")
-    number_flag(parser, "--seed", WHOLE, default=0, help="image i of the request draws from a generator seeded "
-                        "from (seed, i): the batch size does not change the images")
+    number_flag(parser, "--seed", WHOLE, default=0, help="0 .. 4294967295 (2^32 - 1); image i of the request draws "
+                "from a generator seeded from (seed, i): the batch size does not change the images")
     number_flag(parser, "--batch", WHOLE, default=DEFAULT_BATCH_SIZE, help="images per batch (default "
                         "%(default)s)")
     _add_sampling_flags(parser, "", STAGE1_DEFAULTS, "stage 1 (or the baseline)")
