@@ -140,9 +140,8 @@ def test_training_mode_reveals_targets_and_eval_mode_does_not():
 def test_the_pipeline_samples_stage_2_in_steps_under_its_seeding_rule(tmp_path):
     """Through the pipeline: more stage-2 passes leave stage 1's numbers (and so the coarse grids) as they were, keep
     every token in its cluster, give each image the same tokens whatever the batch, and survive a save and load."""
-    from test_pipeline import make_parts
-
     from ctfgen.pipeline import CTFPipeline
+    from test_pipeline import make_parts
 
     parts = make_parts()
     torch.manual_seed(1)
