@@ -202,9 +202,11 @@ def test_torchrun_two_processes_match_one(tmp_path, fake_fmnist):
     for name in a:
         if name == "quantize.codebook_used":
             continue
-        # Biases in front of a GroupNorm get ~zero gradients, which Adam turns into steps of
-        # rounding noise; those may differ by a small fraction of one lr step (1e-3), weights may not.
-        atol = 1e-5 if a[name].dim() > 1 else 2e-4
+        # Adam divides each gradient by its own running size, so an element whose gradient is ~zero (biases in
+        # front of a GroupNorm, the odd weight) takes a step of rounding noise, and the two runs' sums round
+        # differently: such elements may differ by a fraction of one lr step (1e-3). Unsynchronised gradients or
+        # other data move weights by whole steps.
+        atol = 1e-4 if a[name].dim() > 1 else 2e-4
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     losses = [[json.loads(line)["rec_mse"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
