@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from ctfgen.backends.precision import cpu_has_fast_bf16
-from ctfgen.bench import matmul_peak_flops
+from ctfgen.bench import matmul_peak_flops, top_operators
 from ctfgen.training.train import STAGES, TrainConfig, build_model, param_groups, train_step
 
 PRESETS = {"baseline": "GPT-S", "stage1": "GPT-S", "stage2": "GPT-XS"}  # the shipped Fashion-MNIST pipeline
@@ -38,15 +38,6 @@ def flops_per_token(model, block_size: int) -> float:
     cfg = model.config
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return 6 * matmul_weights + 12 * cfg.n_layer * block_size * cfg.dim
-
-
-def top_operators(profiler, n: int, steps: int) -> list[dict]:
-    """The n operators with the most CPU time of their own: ms per step and share of all operators' time."""
-    events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
-             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:n]]
 
 
 def tokens_per_second(stage: str, preset: str, precision: str, variant: str, data, batch: int, steps: int,

@@ -10,12 +10,20 @@ The peak is that of a large square matmul (1024^3). A decode step multiplies ~2 
 matrices, which no kernel runs at that peak; so the decode steps are also reported against the FLOP/s of their own
 matmuls alone, at their exact shapes and with their kernels, back to back with the weights in cache
 (`decode_step_fraction_of_shape_peak`): what the step would reach if nothing but its matmuls took time.
+
+A roofline, finally: the bytes each decode step and the stage-2 pass must move (the weights once, as stored; a step's
+KV cache read over the positions it attends to and written at its own), and `*_fraction_of_roofline`, the time the
+work would take at the larger of its FLOPs at the matmul peak and its bytes at the read bandwidth of a working set
+that size (measured in the same run), over the time it took: 1 means nothing but the necessary compute or memory
+traffic took time.
 """
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,11 +64,43 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 9) -> fl
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats, warmup=2)
 
 
+def read_bandwidth(nbytes: int, repeats: int = 9) -> float:
+    """Bytes/s at which this machine reads a working set of nbytes now: a sum over a buffer that size, warm (from
+    whichever cache level holds it)."""
+    buffer = torch.ones(max(nbytes // 4, 1024))
+    return buffer.numel() * 4 / median_seconds(buffer.sum, repeats, warmup=2)
+
+
+def roofline_seconds(flops: float, nbytes: float, peak_flops: float, bandwidth: float) -> float:
+    """The time of a piece of work at the roofline: its FLOPs at the matmul peak or its bytes at the read bandwidth,
+    whichever takes longer."""
+    return max(flops / peak_flops, nbytes / bandwidth)
+
+
+def is_embedding(name: str) -> bool:
+    return "embedding" in name or "tok_embeddings" in name
+
+
 def matmul_weights(model) -> int:
     """The entries of the weight matrices a token meets (all 2-D weights but the embedding tables, which are read,
     not multiplied): the matmul FLOPs per token are twice this."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if p.dim() == 2 and "embedding" not in name and "tok_embeddings" not in name)
+    return sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not is_embedding(name))
+
+
+def weight_bytes(model, tokens: int) -> int:
+    """Bytes of the weights a pass over `tokens` input tokens reads once, as stored: every parameter but the
+    embedding tables, and an embedding row per token."""
+    embedding_rows = tokens * model.config.dim * model.tok_embeddings.weight.element_size()
+    return embedding_rows + sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                                if not is_embedding(name))
+
+
+def decode_step_bytes(model, rows: int, kv_len: int, cache_dtype: torch.dtype) -> dict[str, int]:
+    """Bytes one cached decode step over `rows` rows must move: the weights once (`weight_bytes`); in every layer the
+    keys and values of the kv_len cache positions it attends to, read, and of its own position, written."""
+    cfg = model.config
+    position = 2 * cfg.n_layer * rows * cfg.dim * cache_dtype.itemsize  # a position's keys and values, all layers
+    return {"weights": weight_bytes(model, rows), "kv_cache_read": kv_len * position, "kv_cache_written": position}
 
 
 def decode_step_flops(model, rows: int, kv_len: int) -> float:
@@ -110,7 +150,7 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
     sampling = SamplingParams(cfg_scale=cfg_scale)
     uniforms = image_uniforms(0, 0, batch, pipe.grid ** 2).to(pipe.device)
     result = {"batch": batch, "cfg_scale": cfg_scale, "precision": precision, "threads": torch.get_num_threads(),
-              "repeats": repeats, "compiled_decode_step": compiled}
+              "repeats": repeats, "compiled_decode_step": compiled, "cpu": cpu_description()}
 
     def request(mode: str):
         return lambda: pipe(labels, mode=mode, sampling=sampling, batch_size=batch, seed=0, output_type="pt")
@@ -132,11 +172,13 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
     if pipe.stage1 is not None:
         stage2_rows = 2 * batch if STAGE2_DEFAULTS.guided else batch
         stage2_flops = refine_flops(pipe.stage2, coarse.flatten(1), pipe.coarse_map.coarse_of_fine, stage2_rows)
+        stage2_bytes = weight_bytes(pipe.stage2, stage2_rows * (1 + pipe.grid ** 2))
         result["ctf"] = {
             "stage1_images_per_s": images_per_s["ctf_stage1"], "stage2_images_per_s": images_per_s["ctf_stage2"],
             "decode_images_per_s": images_per_s["ctf_decode"], "images_per_s": images_per_s["ctf"],
             "stage1_params": pipe.stage1.num_params(), "stage2_params": pipe.stage2.num_params(),
             "stage2_flops": stage2_flops * images_per_s["ctf_stage2"] / batch,
+            "stage2_flop_count": stage2_flops, "stage2_bytes": {"weights": stage2_bytes},
             "tokenizer_decode_flops": counted_flops(lambda: pipe.decode(fine)) * images_per_s["ctf_decode"] / batch,
         }
         result["ctf"] |= decode_step_report(pipe.stage1, batch, cfg_scale, dtype)
@@ -157,32 +199,83 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
             report["decode_step_fraction_of_peak"] = report["decode_step_flops"] / peak
             report["decode_step_fraction_of_shape_peak"] = (report["decode_step_flops"]
                                                             / report["decode_step_shape_peak_flops"])
+            report |= roofline_report("decode_step", report, report["decode_step_ms"] / 1e3, peak)
     if "ctf" in result:
         result["ctf"]["stage2_fraction_of_peak"] = result["ctf"]["stage2_flops"] / peak
+        result["ctf"] |= roofline_report("stage2", result["ctf"], batch / result["ctf"]["stage2_images_per_s"], peak)
         result["ctf"]["tokenizer_decode_fraction_of_peak"] = (result["ctf"]["tokenizer_decode_flops"]
                                                               / result["fp32_matmul_peak_flops"])
     return result
 
 
+def roofline_report(name: str, report: dict, seconds: float, peak: float) -> dict:
+    """The roofline of the work `name` (its `{name}_flop_count` and `{name}_bytes` in report), which took `seconds`:
+    the read bandwidth at a working set of its bytes, measured now; its time at the roofline; that over `seconds`."""
+    nbytes = sum(report[f"{name}_bytes"].values())
+    bandwidth = read_bandwidth(nbytes)
+    at_roofline = roofline_seconds(report[f"{name}_flop_count"], nbytes, peak, bandwidth)
+    return {f"{name}_read_bandwidth": bandwidth, f"{name}_roofline_ms": at_roofline * 1e3,
+            f"{name}_fraction_of_roofline": at_roofline / seconds}
+
+
+MATMUL_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # the CPU features that set its matmul peaks, best first
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its best matmul feature (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            first_cpu = file.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first_cpu.splitlines()
+                                                          if ":" in line)}
+    best = next((flag for flag in MATMUL_FLAGS if flag in info.get("flags", "").split()), "no AVX2")
+    return f"{info.get('model name', platform.machine())} ({best})"
+
+
 def decode_step_report(model, batch: int, cfg_scale: float, dtype: torch.dtype) -> dict:
     """Time one mid-sequence cached decode step and turn it into achieved FLOP/s; and the FLOP/s of the step's own
-    matmuls alone (`step_matmuls_seconds`), the step's ceiling. The step runs in the sampler's decode backend."""
+    matmuls alone (`step_matmuls_seconds`), the step's ceiling. The step runs in the sampler's decode backend. Also its
+    work: FLOPs and the bytes it must move (`decode_step_bytes`), for the roofline."""
     rows = 2 * batch if cfg_scale > 1 else batch
-    device = next(model.parameters()).device
-    model.setup_caches(max_batch_size=rows, dtype=dtype)
-    decoder = decode_backend(model)
-    decoder.prefill(torch.zeros(rows, dtype=torch.long, device=device))
-    position = model.config.block_size // 2
-    token = torch.zeros(rows, dtype=torch.long, device=device)
-    input_pos = torch.tensor([position], device=device)
-    seconds = median_seconds(lambda: decoder.decode_step(token, input_pos, kv_len=position + 1), repeats=20, warmup=3)
-    flops = decode_step_flops(model, rows, kv_len=position + 1)
-    matmul_seconds = step_matmuls_seconds(decoder, rows, dtype)
-    model.clear_caches()
+    with mid_sequence_step(model, rows, dtype) as (step, decoder, kv_len):
+        seconds = median_seconds(step, repeats=20, warmup=3)
+        matmul_seconds = step_matmuls_seconds(decoder, rows, dtype)
+    flops = decode_step_flops(model, rows, kv_len)
     matmul_flops = rows * 2 * matmul_weights(model)
-    return {"decode_step_ms": seconds * 1e3, "decode_step_flops": flops / seconds,
+    return {"decode_step_ms": seconds * 1e3, "decode_step_flops": flops / seconds, "decode_step_flop_count": flops,
+            "decode_step_bytes": decode_step_bytes(model, rows, kv_len, dtype),
             "decode_step_matmuls_ms": matmul_seconds * 1e3,
             "decode_step_shape_peak_flops": matmul_flops / matmul_seconds}
+
+
+@contextmanager
+def mid_sequence_step(model, rows: int, dtype: torch.dtype):
+    """(a cached decode step of `rows` rows at the middle of the grid, in the sampler's decode backend, as a function
+    of no arguments; the backend's decoder; the cache positions the step attends to), on caches made for it in dtype
+    and freed after."""
+    device = next(model.parameters()).device
+    model.setup_caches(max_batch_size=rows, dtype=dtype)
+    try:
+        decoder = decode_backend(model)
+        decoder.prefill(torch.zeros(rows, dtype=torch.long, device=device))
+        position = model.config.block_size // 2
+        token = torch.zeros(rows, dtype=torch.long, device=device)
+        input_pos = torch.tensor([position], device=device)
+        yield (lambda: decoder.decode_step(token, input_pos, kv_len=position + 1)), decoder, position + 1
+    finally:
+        model.clear_caches()
+
+
+def top_operators(profiler, n: int, steps: int) -> list[dict]:
+    """The n operators of a torch.profiler run over `steps` steps with the most CPU time of their own: ms per step
+    and share of all operators' time."""
+    events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:n]]
 
 
 def step_matmuls_seconds(decoder, rows: int, dtype: torch.dtype) -> float:

@@ -5,7 +5,10 @@ half of this CPU's fp32 peak (105 GFLOP/s for 128 x 256 x 768 on an AVX-512 EPYC
 reordered once into its blocked layout reaches 210 (fp32) and 390 (bf16, against 295 for F.linear). oneDNN also
 applies an activation, or an add / product with another tensor, to the tile it has just computed, which saves the
 separate elementwise kernels of the residual adds and SwiGLU. Attention over the cache is two batched matmuls
-(`attention_few_queries`), not SDPA's CPU flash kernel, which is built for blocks of many queries.
+(`attention_few_queries`), not SDPA's CPU flash kernel, which is built for blocks of many queries. A step's keys and
+values go into the cache as a slice copy, and in eager mode RoPE is one complex product (`rotate`): each replaces about
+ten small kernels (together 13% of an eager bf16 step of GPT-S at 128 rows). The compiled step runs under inductor's
+C++ wrapper: no Python between its kernels (4% of the step).
 
 `PackedDecoder` runs the model's own step (`GPT.forward_cached`, `TransformerBlock.forward`) with those kernels: the
 same function, tested against it (tests/test_backends.py). `ctfgen.backends.decoding` chooses it.
@@ -19,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ctfgen.backends.eager import compiled
-from ctfgen.models.blocks import CLS_TOKEN_NUM, TransformerBlock
+from ctfgen.models.blocks import CLS_TOKEN_NUM, TransformerBlock, apply_rotary_emb
 from ctfgen.models.gpt import GPT
 
 
@@ -135,14 +138,26 @@ def attention_few_queries(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return torch.matmul(probs, at_least_fp32(values))
 
 
-def block_step(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
-               mask: torch.Tensor, w: BlockWeights) -> torch.Tensor:
-    """`TransformerBlock.forward` of a cached step on the block's packed weights w, with the residual adds and
+def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary_emb`: in eager mode as one product of complex numbers (the pairs of x by the table's cos + i sin),
+    3 kernels instead of 12; compiled, as the model writes it (inductor fuses that, and makes no code for complex)."""
+    if torch.compiler.is_compiling():
+        return apply_rotary_emb(x, freqs_cis)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    turns = torch.view_as_complex(freqs_cis.contiguous()).view(1, x.shape[1], 1, -1)
+    return torch.view_as_real(pairs * turns).flatten(3).type_as(x)
+
+
+def block_step(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor,
+               w: BlockWeights) -> torch.Tensor:
+    """`TransformerBlock.forward` of a cached step on the block's packed weights w, for the positions just before
+    kv_len = mask.shape[-1]: their keys and values written in place into the cache as a slice, the residual adds and
     SwiGLU's activation and product done inside the matmuls."""
-    attention = block.attention
-    q, k, v = attention.heads(packed_linear(block.attention_norm(x), w.wqkv), freqs_cis)
-    keys, values = attention.kv_cache.update(input_pos, k, v)
-    keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+    attention, kv_len = block.attention, mask.shape[-1]
+    q, k, v = attention.heads(packed_linear(block.attention_norm(x), w.wqkv), freqs_cis, rotate)
+    keys, values = attention.kv_cache.k_cache[: len(x), :, :kv_len], attention.kv_cache.v_cache[: len(x), :, :kv_len]
+    keys[:, :, kv_len - x.shape[1]:].copy_(k)
+    values[:, :, kv_len - x.shape[1]:].copy_(v)
     y = attention_few_queries(q.to(keys.dtype), keys, values, mask).to(x.dtype).transpose(1, 2).reshape(x.shape)
     h = packed_linear(y, w.wo, x, "add")  # x + wo(y)
     normed = block.ffn_norm(h)
@@ -151,16 +166,17 @@ def block_step(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor
 
 
 def packed_forward(model: GPT, input_pos: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor | None,
-                   kv_len: int | None, weights: DecodeWeights) -> torch.Tensor:
-    """`GPT.forward_cached` on the packed weights: fp32 logits [B, S, vocab]."""
+                   kv_len: int, weights: DecodeWeights) -> torch.Tensor:
+    """`GPT.forward_cached` on the packed weights, for the positions input_pos [S] = kv_len - S .. kv_len - 1: fp32
+    logits [B, S, vocab]."""
     h = model.embed(labels, idx)
     freqs_cis, mask = model.cached_positions(input_pos, kv_len)
     for block, block_weights in zip(model.layers, weights.layers):
-        h = block_step(block, h, freqs_cis, input_pos, mask, block_weights)
+        h = block_step(block, h, freqs_cis, mask, block_weights)
     return packed_linear(model.norm(h), weights.output).float()
 
 
-def packed_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None,
+def packed_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
                 weights: DecodeWeights) -> torch.Tensor:
     """`GPT.decode_step` on the packed weights: logits [B, vocab]."""
     return packed_forward(model, input_pos, None, token.view(token.shape[0], 1), kv_len, weights)[:, -1]
@@ -172,7 +188,7 @@ class PackedDecoder:
 
     def __init__(self, model: GPT, compile: bool):
         self.model = model
-        self.step = compiled(packed_step, cuda_graphs=False) if compile else packed_step
+        self.step = compiled(packed_step, cpp_wrapper=True) if compile else packed_step
 
     def prefill(self, labels: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """`GPT.prefill`: the class token (and a prefix idx [B, P]) into the cache; logits [B, vocab]."""

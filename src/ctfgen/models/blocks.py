@@ -159,11 +159,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, dropout_p=dropout_p)
         return self.resid_dropout(self.wo(y.to(x.dtype).transpose(1, 2).reshape(x.shape)))
 
-    def heads(self, qkv: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The stacked projections qkv [B, S, 3 * dim] -> q, k, v [B, H, S, D], q and k rotated (in one call)."""
+    def heads(self, qkv: torch.Tensor, freqs_cis: torch.Tensor,
+              rotate=apply_rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked projections qkv [B, S, 3 * dim] -> q, k, v [B, H, S, D], q and k rotated (in one call; a decode
+        backend may bring a rotation of its own that computes the same)."""
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, 3, self.n_head, self.head_dim)
-        qk = apply_rotary_emb(qkv[:, :, :2].flatten(2, 3), freqs_cis).transpose(1, 2)  # [B, 2H, S, D]
+        qk = rotate(qkv[:, :, :2].flatten(2, 3), freqs_cis).transpose(1, 2)  # [B, 2H, S, D]
         return qk[:, : self.n_head], qk[:, self.n_head:], qkv[:, :, 2].transpose(1, 2)
 
 
