@@ -7,8 +7,7 @@ applies an activation, or an add / product with another tensor, to the tile it h
 separate elementwise kernels of the residual adds and SwiGLU. Attention over the cache is two batched matmuls
 (`attention_few_queries`), not SDPA's CPU flash kernel, which is built for blocks of many queries. A step's keys and
 values go into the cache as a slice copy, and in eager mode RoPE is one complex product (`rotate`): each replaces about
-ten small kernels (together 13% of an eager bf16 step of GPT-S at 128 rows). The compiled step runs under inductor's
-C++ wrapper: no Python between its kernels (4% of the step).
+ten small kernels (together 13% of an eager bf16 step of GPT-S at 128 rows, in CPU time on one thread).
 
 `PackedDecoder` runs the model's own step (`GPT.forward_cached`, `TransformerBlock.forward`) with those kernels: the
 same function, tested against it (tests/test_backends.py). `ctfgen.backends.decoding` chooses it.
@@ -188,7 +187,7 @@ class PackedDecoder:
 
     def __init__(self, model: GPT, compile: bool):
         self.model = model
-        self.step = compiled(packed_step, cpp_wrapper=True) if compile else packed_step
+        self.step = compiled(packed_step, cuda_graphs=False) if compile else packed_step
 
     def prefill(self, labels: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """`GPT.prefill`: the class token (and a prefix idx [B, P]) into the cache; logits [B, vocab]."""

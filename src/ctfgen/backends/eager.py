@@ -12,15 +12,13 @@ from ctfgen.models.gpt import GPT
 
 
 @functools.cache
-def compiled(step, cuda_graphs: bool = False, cpp_wrapper: bool = False):
+def compiled(step, cuda_graphs: bool):
     """torch.compile of a decode step function(model, ...) (fullgraph; kv_len becomes a dynamic size after its second
     value). With cuda_graphs the step is captured as a CUDA graph ("reduce-overhead", as gpt-fast): one launch
-    replaces hundreds of small kernels, which needs every step to have the same shapes. With cpp_wrapper the step's
-    kernels are called from C++, not Python. One compiled function per step function: models are told apart by
-    dynamo's guards. The first decode pays the compile time (GPT-S on a CPU: ~20 s, about twice that with cpp_wrapper;
-    inductor's on-disk cache serves later processes)."""
-    return torch.compile(step, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None,
-                         options={"cpp_wrapper": True} if cpp_wrapper else None)
+    replaces hundreds of small kernels, which needs every step to have the same shapes. One compiled function per
+    step function: models are told apart by dynamo's guards. The first decode pays the compile time (~20 s for GPT-S
+    on a CPU)."""
+    return torch.compile(step, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
 
 
 def eager_step(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
