@@ -28,13 +28,14 @@ METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
 CTFGEN = [sys.executable, "-m", "ctfgen.cli"]
 
 
-def draw(pipeline: str, name: str, seed: int, baseline: bool, runs: Path) -> dict:
-    """The `ctfgen eval` report of one draw of 10,000 samples, sampled and scored unless already on disk."""
+def draw(pipeline: str, name: str, seed: int, flags: list[str], runs: Path) -> dict:
+    """The `ctfgen eval` report of one draw of 10,000 samples (`ctfgen sample` with `flags` besides the fixed ones,
+    e.g. --baseline), sampled and scored unless already on disk."""
     report = runs / f"{name}.seed{seed}.json"
     if not report.exists():
         npz = runs / f"{name}.seed{seed}.npz"
         subprocess.run([*CTFGEN, "sample", "--pipeline", pipeline, "--per-class", "1000", "--batch", "250",
-                        "--dtype", "bf16", "--seed", str(seed), *(["--baseline"] if baseline else []),
+                        "--dtype", "bf16", "--seed", str(seed), *flags,
                         "--npz", str(npz), "--overwrite"], check=True)
         scored = subprocess.run([*CTFGEN, "eval", "--samples", str(npz), "--json"], check=True,
                                 capture_output=True, text=True).stdout
@@ -43,7 +44,8 @@ def draw(pipeline: str, name: str, seed: int, baseline: bool, runs: Path) -> dic
 
 
 def row(pipeline: str, name: str, seeds: list[int], baseline: bool, runs: Path) -> dict:
-    draws = [{"seed": s, **{m: draw(pipeline, name, s, baseline, runs)[m] for m in METRICS}} for s in seeds]
+    flags = ["--baseline"] if baseline else []
+    draws = [{"seed": s, **{m: draw(pipeline, name, s, flags, runs)[m] for m in METRICS}} for s in seeds]
     return {"pipeline": pipeline, "mode": "baseline" if baseline else "ctf", "draws": draws,
             "mean": {m: statistics.mean(d[m] for d in draws) for m in METRICS},
             "std": {m: statistics.stdev(d[m] for d in draws) for m in METRICS}}
