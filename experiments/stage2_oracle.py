@@ -51,11 +51,12 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.refiner) != bool(args.map):
         parser.error("--refiner and --map go together")
-    pipe = CTFPipeline.from_pretrained(args.pipeline)
-    if args.refiner:  # only stage 2, the map and the tokenizer are used here: stage 1 is the oracle
-        pipe.stage2, pipe.coarse_map = Refiner.from_pretrained(args.refiner), CoarseMap.load(args.map)
+    pipe = CTFPipeline.from_pretrained(args.pipeline).copy(DTYPES[args.dtype])
+    if args.refiner:  # only stage 2, the map and the tokenizer are used here (stage 1 is the oracle), so the
+        # pipeline's stage 1 may have another K than this map: the parts are swapped in after the pipeline's checks
+        pipe.stage2 = Refiner.from_pretrained(args.refiner).to(DTYPES[args.dtype])
+        pipe.coarse_map = CoarseMap.load(args.map)
         pipe.coarse_map.check_fingerprint(pipe.tokenizer.fingerprint, pipe.tokenizer.config.codebook_size)
-    pipe = pipe.copy(DTYPES[args.dtype])
     codes = CodeDataset(args.codes)
     index = np.sort(np.random.default_rng(args.seed).permutation(len(codes))[:args.n])
     fine = codes.grids(index)[:, 0]  # the first view: the image itself
