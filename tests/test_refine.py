@@ -21,6 +21,18 @@ def revealing_refiner(seed=0, fine_inputs=True):
     return refiner
 
 
+def record_fine_inputs(refiner, after=lambda h: h) -> list:
+    """Make `refiner.hidden` note the fine tokens each pass reads (None: none), then apply `after` to its output."""
+    seen, hidden = [], refiner.hidden
+
+    def recording(coarse_rows, label_rows, fine=None):
+        seen.append(None if fine is None else fine.clone())
+        return after(hidden(coarse_rows, label_rows, fine))
+
+    refiner.hidden = recording
+    return seen
+
+
 def test_the_schedule_hides_fewer_each_step_and_none_after_the_last():
     assert [hidden_after_step(s, 4, 64) for s in range(4)] == [math.floor(64 * math.cos(math.pi / 8)),
                                                                math.floor(64 * math.cos(math.pi / 4)),
@@ -53,18 +65,11 @@ def test_one_step_is_the_one_pass_refiner_number_for_number(cfg_scale):
 
 
 @pytest.mark.parametrize("steps", [2, 4, 8])
-def test_each_step_keeps_its_tokens_and_reveals_the_scheduled_share(steps, monkeypatch):
+def test_each_step_keeps_its_tokens_and_reveals_the_scheduled_share(steps):
     refiner = revealing_refiner()
     coarse_map = cluster_codebook(torch.randn(V, 4), K, seed=0)
     coarse, labels = torch.randint(K, (5, T)), torch.randint(CLASSES, (5,))
-    seen = []
-    hidden = refiner.hidden
-
-    def record(coarse_rows, label_rows, fine=None):
-        seen.append(fine.clone())
-        return hidden(coarse_rows, label_rows, fine)
-
-    monkeypatch.setattr(refiner, "hidden", record)
+    seen = record_fine_inputs(refiner)
     fine = refine(refiner, coarse, labels, coarse_map.coarse_of_fine, steps=steps)
     assert torch.equal(coarse_map.coarse_of_fine[fine], coarse)  # within their clusters
     assert len(seen) == steps and (seen[0] == V).all()
@@ -80,15 +85,8 @@ def test_the_positions_kept_are_the_most_confident():
     refiner = revealing_refiner()
     coarse_map = cluster_codebook(torch.randn(V, 4), K, seed=0)
     coarse, labels = torch.randint(K, (1, T)), torch.randint(CLASSES, (1,))
-    seen = []
-    hidden = refiner.hidden
-
-    def sharp_at_3(coarse_rows, label_rows, fine=None):
-        seen.append(fine.clone())
-        h = hidden(coarse_rows, label_rows, fine)
-        return torch.cat([h[:, :3] * 0, h[:, 3:4] * 100, h[:, 4:] * 0], 1)  # flat everywhere but position 3
-
-    refiner.hidden = sharp_at_3
+    # flat everywhere but position 3
+    seen = record_fine_inputs(refiner, lambda h: torch.cat([h[:, :3] * 0, h[:, 3:4] * 100, h[:, 4:] * 0], 1))
     refine(refiner, coarse, labels, coarse_map.coarse_of_fine, SamplingParams(temperature=0), steps=2)
     assert (seen[1] != V).sum() == T - hidden_after_step(0, 2, T)
     assert seen[1][0, 3] != V
@@ -125,9 +123,7 @@ def test_the_loss_counts_the_hidden_positions_only():
 def test_training_mode_reveals_targets_and_eval_mode_does_not():
     refiner = revealing_refiner()
     coarse, labels, targets = torch.randint(K, (2, T)), torch.randint(CLASSES, (2,)), torch.randint(V, (2, T))
-    seen = []
-    hidden = refiner.hidden
-    refiner.hidden = lambda c, lab, fine=None: seen.append(fine) or hidden(c, lab, fine)
+    seen = record_fine_inputs(refiner)
     refiner.train()
     refiner(coarse, labels, targets)
     revealed = seen[-1] != V

@@ -64,8 +64,7 @@ def sample_pass(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, fi
     hidden = guided(hidden, params.cfg_scale) if use_cfg else hidden
     if not restrict:
         return pick(refiner.output(hidden).float(), params, uniforms)
-    picked, log_prob = sample_within_clusters(refiner, hidden, coarse, coarse_of_fine, params, uniforms)
-    return picked, log_prob
+    return sample_within_clusters(refiner, hidden, coarse, coarse_of_fine, params, uniforms)
 
 
 def pick(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
