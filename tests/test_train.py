@@ -57,6 +57,20 @@ def test_each_stage_trains_and_improves(codes, tmp_path, stage, capsys):
     assert config["model"]["vocab_size"] == vocab
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_n_layer_replaces_the_presets_depth(codes, tmp_path, stage):
+    assert cli.main(train_args(codes, tmp_path / "run", "--stage", stage, "--steps", "1", "--n-layer", "3")) == 0
+    config = json.loads((tmp_path / "run/checkpoint/config.json").read_text())
+    assert config["model"]["n_layer"] == 3 and config["model"]["dim"] == 64  # GPT-tiny's width, 3 blocks
+    assert any(name.startswith("layers.2.") for name in load_weights(tmp_path / "run/checkpoint"))
+
+
+def test_n_layer_below_one_is_refused_in_one_line(codes, tmp_path, capsys):
+    assert cli.main(train_args(codes, tmp_path / "run", "--stage", "stage1", "--n-layer", "0")) == 2
+    assert capsys.readouterr().err == "ctfgen: error: --n-layer must be at least 1, got 0\n"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
     """Kill a run hard after a checkpoint at step N; resuming to 2N gives the uninterrupted weights."""

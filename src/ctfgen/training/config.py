@@ -23,6 +23,9 @@ class TrainConfig:
     codes: str = field(metadata={"help": "training codes from `ctfgen extract`"})
     out: str = field(metadata={"help": "run directory (checkpoint/, metrics.jsonl)"})
     model: str = field(default="GPT-S", metadata={"help": "model preset", "choices": tuple(GPT_PRESETS)})
+    n_layer: int | None = field(default=None, metadata={
+        "help": "transformer blocks instead of the preset's (e.g. a stage 1 as costly per token as the baseline)",
+        "rule": POSITIVE})
     map: str | None = field(default=None, metadata={"help": "coarse map from `ctfgen cluster` (stage1, stage2)"})
     eval_codes: str | None = field(default=None, metadata={
         "help": "held-out codes for loss/accuracy every --eval-every steps"})

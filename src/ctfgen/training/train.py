@@ -79,6 +79,8 @@ def build_model(cfg: TrainConfig, data: StageData):
     overrides = {"class_dropout_prob": cfg.class_dropout}
     if cfg.dropout is not None:
         overrides |= {"token_dropout_p": cfg.dropout, "resid_dropout_p": cfg.dropout, "ffn_dropout_p": cfg.dropout}
+    if cfg.n_layer is not None:
+        overrides["n_layer"] = cfg.n_layer
     shape = dict(block_size=data.block_size, num_classes=data.num_classes)
     if cfg.stage == "stage2":
         return Refiner(refiner_config(cfg.model, vocab_size=data.fine_vocab, coarse_vocab_size=data.input_vocab,
