@@ -163,5 +163,5 @@ for pipe in "$OUT" "$RUNS/kconv/pipe_k512"; do  # which history predicts the nex
   $PYTHON experiments/coarse_nll.py --pipeline "$pipe" --n 2000
 done > "$RUNS/eval/coarse_nll.json"
 # Table 1 again with the K = 512 row (the K = 128 draws of step 7 are reused from $RUNS/eval).
-$PYTHON experiments/table1.py --pipeline "$OUT" --k512-pipeline "$RUNS/kconv/pipe_k512" --runs "$RUNS/eval" \
+$PYTHON experiments/table1.py --pipeline "$OUT" --ctf ctf_k512="$RUNS/kconv/pipe_k512" --runs "$RUNS/eval" \
   --out "$DOCS/table1_convergence.json"

@@ -67,11 +67,16 @@ def numbers(cell: str) -> list[str]:
 
 
 def lookup(results: dict, path: str):
-    """`stem.key.0.key` in the result files read so far, keyed by file stem."""
+    """`stem.key.0.key` in the result files read so far, keyed by file stem; a key with dots in it
+    (`stage2_oracle_t0.5`) is read whole: the longest run of parts that is a key wins."""
     stem, *keys = path.split(".")
     value = results[stem]
-    for key in keys:
-        value = value[int(key)] if isinstance(value, list) else value[key]
+    while keys:
+        if isinstance(value, list):
+            value = value[int(keys.pop(0))]
+            continue
+        n = next((n for n in range(len(keys), 0, -1) if ".".join(keys[:n]) in value), 1)
+        value, keys = value[".".join(keys[:n])], keys[n:]
     return float(value)
 
 
