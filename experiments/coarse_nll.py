@@ -18,6 +18,7 @@ import json
 import torch
 
 from ctfgen.data.codes import CodeDataset
+from ctfgen.models.gpt import GPT
 from ctfgen.pipeline import CTFPipeline
 
 
@@ -30,11 +31,14 @@ def coarse_nll(log_probs: torch.Tensor, coarse: torch.Tensor) -> tuple[float, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", required=True, help="a pipeline with CTF stages and a baseline")
+    parser.add_argument("--baseline", help="a baseline GPT checkpoint instead of the pipeline's (e.g. for a pipeline "
+                                           "fitted with --no-baseline)")
     parser.add_argument("--codes", default="runs/codes/test")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=250)
     args = parser.parse_args()
     pipe = CTFPipeline.from_pretrained(args.pipeline).copy(torch.float32)
+    baseline = GPT.from_pretrained(args.baseline).float() if args.baseline else pipe.baseline
     codes = CodeDataset(args.codes)
     cluster_of = pipe.coarse_map.coarse_of_fine  # [V]: each fine token's cluster
     k = pipe.coarse_map.k
@@ -46,7 +50,7 @@ def main() -> None:
             labels = codes.labels[index]
             coarse = cluster_of[fine]
             stage1_logits, _ = pipe.stage1(coarse, labels)
-            baseline_logits, _ = pipe.baseline(fine, labels)
+            baseline_logits, _ = baseline(fine, labels)
             fine_probs = baseline_logits.softmax(-1)
             cluster_probs = torch.zeros(*fine_probs.shape[:2], k).index_add_(-1, cluster_of, fine_probs)
             for name, log_probs in (("stage1", stage1_logits.log_softmax(-1)),
@@ -55,7 +59,8 @@ def main() -> None:
                 totals[name][0] += nll
                 totals[name][1] += correct
             tokens += coarse.numel()
-    print(json.dumps({"pipeline": args.pipeline, "k": k, "tokens": tokens,
+    print(json.dumps({"pipeline": args.pipeline, "baseline": args.baseline or f"{args.pipeline}/baseline", "k": k,
+                      "tokens": tokens,
                       **{f"{name}_coarse_nll": round(nll / tokens, 4) for name, (nll, _) in totals.items()},
                       **{f"{name}_coarse_accuracy": round(c / tokens, 4) for name, (_, c) in totals.items()}},
                      indent=2))

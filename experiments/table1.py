@@ -10,9 +10,9 @@ Each draw runs the two commands a user would, for seeds 0, 1 and 2:
 
 (a draw whose JSON is already in --runs is reused), then writes one small JSON: each row's metrics per draw, their
 mean and standard deviation over the draws (n - 1), and each CTF row's mean FID over the baseline's. Rows: the
-baseline and CTF of --pipeline ("ctf_k128"), and one CTF row per --ctf NAME=PIPELINE (e.g. a K = 512 pair from
-step 12 of scripts/reproduce_fmnist.sh, or a deeper stage 1); each CTF row also gives its stage 1's matmul weights
-(the FLOPs of a decode step per token, over two) over the baseline's.
+baseline and CTF of --pipeline ("ctf_k128" for K = 128), and one CTF row per --ctf NAME=PIPELINE (e.g. a K = 512
+pair from step 12 of scripts/reproduce_fmnist.sh, or a deeper stage 1); each CTF row also gives its stage 1's
+matmul weights (the FLOPs of a decode step per token, over two) over the baseline's.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def row(pipeline: str, name: str, seeds: list[int], baseline: bool, runs: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default="pretrained/fmnist", help="the K = 128 pipeline, with its baseline")
+    parser.add_argument("--pipeline", default="pretrained/fmnist", help="a CTF pipeline with its baseline")
     parser.add_argument("--ctf", action="append", default=[], metavar="NAME=PIPELINE",
                         help="another CTF row: its name and pipeline (repeatable)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -68,8 +68,9 @@ def main() -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     others = dict(named.split("=", 1) for named in args.ctf)
+    k = CTFPipeline.from_pretrained(args.pipeline).coarse_map.k
     rows = {"baseline": row(args.pipeline, "baseline", seeds, True, runs),
-            "ctf_k128": row(args.pipeline, "ctf", seeds, False, runs),
+            f"ctf_k{k}": row(args.pipeline, "ctf", seeds, False, runs),
             **{name: row(pipeline, name, seeds, False, runs) for name, pipeline in others.items()}}
     baseline_weights = matmul_weights(CTFPipeline.from_pretrained(args.pipeline).baseline)
     for name in rows:

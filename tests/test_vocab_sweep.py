@@ -1,0 +1,64 @@
+"""The vocabulary sweep's summary (experiments/vocab_sweep.py), on result files written here by hand: one row per
+model and V with every draw, the coarse NLL joined to its CTF row, and the verdict on the gap."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "vocab_sweep.py"
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
+
+
+def table(baseline_fids, ctf):
+    """table1.py's file: a baseline row and CTF rows {name: (k, fids)}, the other metrics constant."""
+    def entry(mode, fids, k=None):
+        draws = [{"seed": s, **{m: 1.0 for m in METRICS}, "fid": f} for s, f in enumerate(fids)]
+        return {"pipeline": "p", "mode": mode, "draws": draws, **({"k": k} if k else {})}
+    rows = {"baseline": entry("baseline", baseline_fids)}
+    for name, (k, fids) in ctf.items():
+        rows[name] = entry("ctf", fids, k) | {"fid_over_baseline": (sum(fids) / len(fids)) /
+                                                                    (sum(baseline_fids) / len(baseline_fids))}
+    return {"rows": rows}
+
+
+def run(results: Path, out: Path) -> dict:
+    subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), "--out", str(out)], check=True,
+                   capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table1_v1024.json").write_text(json.dumps(table([30, 32, 31], {"ctf_k32": (32, [45, 45, 48]),
+                                                                               "ctf_k128": (128, [40, 41, 42])})))
+    (results / "table1_v16384.json").write_text(json.dumps(table([40, 40, 40], {"ctf_k512": (512, [38, 39, 37])})))
+    (results / "coarse_nll_v1024_k32.json").write_text(json.dumps({"stage1_coarse_nll": 1.5,
+                                                                   "baseline_coarse_nll": 1.2}))
+    (results / "tokenizer_v1024.json").write_text(json.dumps({"psnr": 25.0, "codebook_usage": 0.5,
+                                                              "codes_used": 512}))
+    result = run(results, tmp_path / "sweep.json")
+
+    assert [(r["vocab_size"], r["model"], r["k"]) for r in result["rows"]] == [
+        (1024, "baseline", None), (1024, "ctf", 32), (1024, "ctf", 128), (16384, "baseline", None),
+        (16384, "ctf", 512)]
+    k32 = result["rows"][1]
+    assert k32["fid"] == [45, 45, 48] and k32["fid_mean"] == 46
+    assert (k32["stage1_coarse_nll"], k32["baseline_coarse_nll"]) == (1.5, 1.2)
+    assert "stage1_coarse_nll" not in result["rows"][2]  # no file for K = 128
+    assert result["tokenizers"][0] == {"vocab_size": 1024, "psnr": 25.0, "codebook_usage": 0.5, "codes_used": 512,
+                                       "rfid": None}
+    assert result["missing"] == [4096]
+    verdict = result["verdict"]
+    assert verdict["best_ctf_fid_over_baseline"] == {"1024": 41 / 31, "16384": 38 / 40}  # the better K per V
+    assert verdict["gap_shrinks_with_vocab"] is True and verdict["ctf_beats_baseline_at"] == [16384]
+
+
+def test_a_gap_that_grows_is_reported_as_such(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table1_v1024.json").write_text(json.dumps(table([30, 30], {"ctf_k32": (32, [33, 33])})))
+    (results / "table1_v4096.json").write_text(json.dumps(table([30, 30], {"ctf_k128": (128, [36, 36])})))
+    verdict = run(results, tmp_path / "sweep.json")["verdict"]
+    assert verdict["gap_shrinks_with_vocab"] is False and verdict["ctf_beats_baseline_at"] == []
