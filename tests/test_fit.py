@@ -236,6 +236,24 @@ def test_layout_links_and_pads_without_touching_the_originals(tmp_path):
     assert copy.shape == (32, 32) and copy[2:30, 2:30].min() >= 200 and copy[:2].max() == 0 and copy[:, 30:].max() == 0
 
 
+def test_fmnist_exported_as_a_folder_reads_back_as_the_bundled_images(fake_fmnist, tmp_path):
+    """scripts/export_fmnist.py (issue 22's folder-path check): train/ and val/ of 28x28 PNGs, one folder a class,
+    which the fit's scan takes as Fashion-MNIST's kind with its pixels unchanged; a second export is refused."""
+    script = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "export_fmnist.py"),
+              "--data-dir", str(fake_fmnist), "--out", str(tmp_path / "png")]
+    subprocess.run(script, check=True, capture_output=True)
+    data, files = scan_folder(tmp_path / "png", 0.1, 0, "fp", tmp_path / "fit" / "data", progress=False)
+    assert data.fmnist_like and (data.n_train, data.n_val) == (256, 64) and len(data.classes) == 10
+    assert "T-shirt_top" in data.classes
+    from ctfgen.data.datasets import FashionMNIST
+
+    first = np.asarray(Image.open(tmp_path / "png" / "train" / "Trouser" / "00001.png"))
+    assert np.array_equal(first, FashionMNIST("train", fake_fmnist).pixels[1].numpy())  # image 1 is class 1
+    again = subprocess.run(script, capture_output=True, text=True)
+    assert again.returncode == 2 and "was not written by ctfgen" in again.stderr
+    assert len(list((tmp_path / "png" / "train").rglob("*.png"))) == 256  # the first export untouched
+
+
 def test_presets_follow_the_number_of_images():
     """small with Fashion-MNIST's 60,000 images is the shipped schedule; fewer images shrink the codebook (16 tokens a
     codeword at least) and K with it; steps follow the epochs, with a floor; a --config value is checked by its key."""
