@@ -6,15 +6,21 @@ small refiner, at batch 1, 16 and 64, and the time to the first preview and to t
     python experiments/frontier.py --plot-only --json docs/results/frontier.json --plot docs/frontier.png   # redraw
 
 `--points` names each point's parts (checkpoint directories; the tokenizer, coarse map and class names come from
-`pipeline`) and the line it belongs to. Speed: every point at every batch size, timed interleaved (repeat r runs
+`pipeline`; a CTF point may instead name a whole assembled "pipeline" of its own, e.g. with another K) and the line
+it belongs to; a point's "quality" may name the `ctfgen eval --json` report of the same draw, which is then read
+instead of sampled. Speed: every point at every batch size, timed interleaved (repeat r runs
 all of them before repeat r + 1 starts, so load from other processes hits them alike), median of `--repeats`
 after a warm-up, in the transformers' `--dtype`, with torch's threads. At batch 1 the time to the first preview
 is when a streaming client (the web demo) has CTF's whole coarse grid decoded as cluster means: stage 1 done,
 stage 2 not yet; the baseline has no preview. Quality: FID (and the other `ctfgen eval` metrics) of `--per-class`
 x 10 samples drawn as `ctfgen sample --per-class N --batch 250 --seed S --dtype D` draws them, cached under
 `--cache` by a key over the parts' weights, the settings, the count, the seed and the dtype, so that re-running
-re-times but never re-samples. Prints the table and the Pareto verdict: CTF dominates the baseline when every
-baseline point has a CTF point with a lower FID and at least its images/s, at each batch size.
+re-times but never re-samples. Prints the table, the Pareto verdict (CTF dominates the baseline when every
+baseline point has a CTF point with a lower FID and at least its images/s, at each batch size) and the goal of
+issue 21 (a CTF point at or below the best baseline's FID at 0.9x its images/s or more at batch 64).
+
+    python experiments/frontier.py --points experiments/frontier_points_k512.json \
+        --json docs/results/frontier_k512.json --plot docs/frontier_k512.png
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from ctfgen.backends.precision import cpu_has_fast_bf16
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
-from ctfgen.evaluation.frontier import pareto
+from ctfgen.evaluation.frontier import goal, pareto
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
@@ -57,6 +63,8 @@ def load_points(path: Path, skip_missing: bool = False) -> list[dict]:
         if point["method"] == "baseline":
             pipe = CTFPipeline(shared.tokenizer, baseline=GPT.from_pretrained(point["baseline"]),
                                class_names=shared.class_names)
+        elif "pipeline" in point:  # an assembled pipeline: its own coarse map (another K)
+            pipe = CTFPipeline.from_pretrained(point["pipeline"])
         else:
             pipe = CTFPipeline(shared.tokenizer, shared.coarse_map, GPT.from_pretrained(point["stage1"]),
                                Refiner.from_pretrained(point["stage2"]), class_names=shared.class_names)
@@ -65,7 +73,11 @@ def load_points(path: Path, skip_missing: bool = False) -> list[dict]:
 
 
 def parts_of(point: dict) -> list[str]:
-    return [point["baseline"]] if point["method"] == "baseline" else [point["stage1"], point["stage2"]]
+    if point["method"] == "baseline":
+        return [point["baseline"]]
+    if "pipeline" in point:
+        return [f"{point['pipeline']}/stage1", f"{point['pipeline']}/stage2"]
+    return [point["stage1"], point["stage2"]]
 
 
 def params_of(pipe: CTFPipeline, method: str) -> dict:
@@ -86,7 +98,11 @@ def cache_key(point: dict, per_class: int, seed: int, dtype: str) -> str:
 
 
 def quality(point: dict, per_class: int, seed: int, dtype: str, cache: Path, network_box: list) -> dict:
-    """The point's metrics from the cache, or sampled and scored (minutes) and then cached."""
+    """The point's metrics from its "quality" report (`ctfgen eval --json` of the same draw, made by `ctfgen sample`
+    as above, e.g. by experiments/table1.py), else from the cache, else sampled and scored (minutes) and cached."""
+    if "quality" in point:
+        report = json.loads(Path(point["quality"]).read_text())
+        return {key: report[key] for key in METRICS} | {"n_samples": report["n_samples"], "seconds": None}
     path = cache / f"{cache_key(point, per_class, seed, dtype)}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -227,10 +243,11 @@ def main() -> None:
     result = {"dtype": args.dtype, "seed": args.seed, "n_samples": points[0]["n_samples"], "machine": machine,
               "points": [{k: v for k, v in p.items() if k != "pipe"} for p in points]}
     result["pareto"] = pareto(result["points"])
+    result["goal"] = goal(result["points"])
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.plot)
     print(table(result["points"]))
-    print(json.dumps(result["pareto"], indent=1))
+    print(json.dumps({"pareto": result["pareto"], "goal": result["goal"]}, indent=1))
 
 
 if __name__ == "__main__":
