@@ -102,15 +102,21 @@ def test_requests_with_other_settings_are_not_merged(pipe):
     assert batcher.calls == 2
 
 
+def started(batcher, req):
+    """Submit `req` and wait until the worker has taken it off the queue."""
+    job = batcher.submit(req)
+    for _ in range(200):
+        if batcher.waiting == 0:
+            break
+        threading.Event().wait(0.05)
+    return job
+
+
 def test_a_full_queue_refuses_with_a_message(pipe):
     batcher = Batcher(pipe, max_batch=1, max_waiting=2)
     try:
         with batcher.pipeline():  # the worker takes the first request, then waits for the pipeline
-            first = batcher.submit(request([0], 0))
-            for _ in range(200):
-                if batcher.waiting == 0:
-                    break
-                threading.Event().wait(0.05)
+            first = started(batcher, request([0], 0))
             waiting = [batcher.submit(request([c], 0)) for c in (1, 2)]
             with pytest.raises(CtfgenError, match="busy: 2 requests are waiting"):
                 batcher.submit(request([3], 0))
@@ -185,11 +191,7 @@ def test_close_answers_the_waiting_requests_and_refuses_new_ones(pipe):
     batcher = Batcher(pipe, max_batch=1)
     closing = threading.Thread(target=batcher.close)
     with batcher.pipeline():  # the worker takes the first request, then waits for the pipeline
-        first = batcher.submit(request([0], 0))
-        for _ in range(200):
-            if batcher.waiting == 0:
-                break
-            threading.Event().wait(0.05)
+        first = started(batcher, request([0], 0))
         waiting = [batcher.submit(request([c], 0)) for c in (1, 2)]
         closing.start()
         for job in waiting:

@@ -24,7 +24,7 @@ from ctfgen.seeding import CODE_RESTARTS, derived_generator
 from ctfgen.tokenizer.config import VQ_PRESETS, TokenizerTrainConfig, VQConfig
 from ctfgen.tokenizer.discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from ctfgen.tokenizer.model import VQModel
-from ctfgen.training.distributed import Runtime, all_reduce_sum, broadcast, launched
+from ctfgen.training.distributed import Runtime, all_reduce_sum, broadcast, run_launched
 from ctfgen.training.run import TrainingRun
 from ctfgen.training.schedule import learning_rate
 from ctfgen.training.state import check_optimizer_state
@@ -62,10 +62,8 @@ def restart_dead_codes(model: VQModel, usage: torch.Tensor, latents: torch.Tenso
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
     """The run of `cfg`, alone or as one of torchrun's processes: its last metrics and checkpoint on the main
-    process, None on the others (so that one process reports)."""
-    with launched(cfg.device) as runtime:
-        result = train_in(cfg, runtime)
-    return result if runtime.is_main else None
+    process, None on the others."""
+    return run_launched(train_in, cfg)
 
 
 def train_in(cfg: TokenizerTrainConfig, runtime: Runtime) -> dict:

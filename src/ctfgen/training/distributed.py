@@ -131,3 +131,11 @@ def launched(device: str = "auto"):
         shutdown(runtime, clean=False)
         raise
     shutdown(runtime)
+
+
+def run_launched(run_in, cfg):
+    """`run_in(cfg, runtime)` alone or as one of torchrun's processes: its result on the main process, None on the
+    others (so that one process reports)."""
+    with launched(cfg.device) as runtime:
+        result = run_in(cfg, runtime)
+    return result if runtime.is_main else None

@@ -36,7 +36,7 @@ from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner, refiner_config
 from ctfgen.seeding import DROPOUT, VIEWS, derived_generator, derived_seed
 from ctfgen.training.config import STAGES, TrainConfig
-from ctfgen.training.distributed import Runtime, all_reduce_sum, launched
+from ctfgen.training.distributed import Runtime, all_reduce_sum, run_launched
 from ctfgen.training.run import TrainingRun
 from ctfgen.training.schedule import LR_SCHEDULES, learning_rate
 
@@ -159,10 +159,8 @@ def held_out_metrics(model, data: StageData, cfg: TrainConfig, runtime: Runtime,
 
 def train(cfg: TrainConfig) -> dict | None:
     """The run of `cfg`, alone or as one of torchrun's processes: its last metrics and checkpoint on the main
-    process, None on the others (so that one process reports)."""
-    with launched(cfg.device) as runtime:
-        result = train_in(cfg, runtime)
-    return result if runtime.is_main else None
+    process, None on the others."""
+    return run_launched(train_in, cfg)
 
 
 def train_in(cfg: TrainConfig, runtime: Runtime) -> dict:
