@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from table1 import METRICS, draw
+from table1 import row
 
 from ctfgen.files import write_atomic
 
@@ -33,13 +32,10 @@ def main() -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     rows = []
+    seeds = [int(s) for s in args.seeds.split(",")]
     for steps in (int(s) for s in args.steps.split(",")):
-        draws = []
-        for seed in (int(s) for s in args.seeds.split(",")):
-            report = draw(args.pipeline, f"ctf_s{steps}", seed, ["--stage2-steps", str(steps)], runs)
-            draws.append({"seed": seed, **{m: report[m] for m in METRICS}})
-        rows.append({"stage2_steps": steps, "draws": draws,
-                     "mean": {m: statistics.mean(d[m] for d in draws) for m in METRICS}})
+        drawn = row(args.pipeline, f"ctf_s{steps}", seeds, ["--stage2-steps", str(steps)], runs)
+        rows.append({"stage2_steps": steps, "draws": drawn["draws"], "mean": drawn["mean"]})
     result = {"command": "python " + " ".join(sys.argv), "pipeline": args.pipeline, "n_samples": 10000,
               "dtype": "bf16", "rows": rows, "written": time.strftime("%Y-%m-%d %H:%M")}
     text = json.dumps(result, indent=1)

@@ -47,10 +47,10 @@ def draw(pipeline: str, name: str, seed: int, flags: list[str], runs: Path) -> d
     return json.loads(report.read_text())
 
 
-def row(pipeline: str, name: str, seeds: list[int], baseline: bool, runs: Path) -> dict:
-    flags = ["--baseline"] if baseline else []
+def row(pipeline: str, name: str, seeds: list[int], flags: list[str], runs: Path) -> dict:
+    """One model's draws (`ctfgen sample` with `flags`, e.g. --baseline), their mean and standard deviation."""
     draws = [{"seed": s, **{m: draw(pipeline, name, s, flags, runs)[m] for m in METRICS}} for s in seeds]
-    return {"pipeline": pipeline, "mode": "baseline" if baseline else "ctf", "draws": draws,
+    return {"pipeline": pipeline, "mode": "baseline" if "--baseline" in flags else "ctf", "draws": draws,
             "mean": {m: statistics.mean(d[m] for d in draws) for m in METRICS},
             "std": {m: statistics.stdev(d[m] for d in draws) if len(draws) > 1 else None for m in METRICS}}
 
@@ -68,14 +68,14 @@ def main() -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     others = dict(named.split("=", 1) for named in args.ctf)
-    k = CTFPipeline.from_pretrained(args.pipeline).coarse_map.k
-    rows = {"baseline": row(args.pipeline, "baseline", seeds, True, runs),
-            f"ctf_k{k}": row(args.pipeline, "ctf", seeds, False, runs),
-            **{name: row(pipeline, name, seeds, False, runs) for name, pipeline in others.items()}}
-    baseline_weights = matmul_weights(CTFPipeline.from_pretrained(args.pipeline).baseline)
+    pipes = {path: CTFPipeline.from_pretrained(path) for path in {args.pipeline, *others.values()}}  # before sampling
+    rows = {"baseline": row(args.pipeline, "baseline", seeds, ["--baseline"], runs),
+            f"ctf_k{pipes[args.pipeline].coarse_map.k}": row(args.pipeline, "ctf", seeds, [], runs),
+            **{name: row(pipeline, name, seeds, [], runs) for name, pipeline in others.items()}}
+    baseline_weights = matmul_weights(pipes[args.pipeline].baseline)
     for name in rows:
         if name != "baseline":
-            stage1 = CTFPipeline.from_pretrained(rows[name]["pipeline"]).stage1
+            stage1 = pipes[rows[name]["pipeline"]].stage1
             rows[name] |= {"k": stage1.config.vocab_size, "stage1_layers": stage1.config.n_layer,
                            "stage1_cost_over_baseline": matmul_weights(stage1) / baseline_weights,
                            "fid_over_baseline": rows[name]["mean"]["fid"] / rows["baseline"]["mean"]["fid"]}
