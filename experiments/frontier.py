@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict
@@ -37,9 +36,11 @@ from pathlib import Path
 import torch
 
 from ctfgen.backends.precision import cpu_has_fast_bf16
+from ctfgen.bench import cpu_description
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
 from ctfgen.evaluation.frontier import goal, pareto
+from ctfgen.files import write_atomic
 from ctfgen.models.gpt import GPT
 from ctfgen.models.refiner import Refiner
 from ctfgen.pipeline import CTFPipeline
@@ -210,7 +211,7 @@ def plot(result: dict, out: str) -> None:
     fig.suptitle(f"Fashion-MNIST; CPU threads: {result['machine']['threads']}; {result['dtype']}; labels: stage-1 "
                  f"or baseline size", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
+    write_atomic(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def main() -> None:
@@ -238,13 +239,13 @@ def main() -> None:
     if args.fid_only:
         return
     speed(points, args.dtype, args.repeats)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_description(), "threads": torch.get_num_threads(),
                "fast_bf16": cpu_has_fast_bf16(), "torch": torch.__version__}
     result = {"dtype": args.dtype, "seed": args.seed, "n_samples": points[0]["n_samples"], "machine": machine,
               "points": [{k: v for k, v in p.items() if k != "pipe"} for p in points]}
     result["pareto"] = pareto(result["points"])
     result["goal"] = goal(result["points"])
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     plot(result, args.plot)
     print(table(result["points"]))
     print(json.dumps({"pareto": result["pareto"], "goal": result["goal"]}, indent=1))

@@ -94,7 +94,7 @@ def plot(result: dict, out: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    write_atomic(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def main() -> None:
