@@ -233,9 +233,20 @@ def test_batched_within_cluster_sampling_picks_the_tokens_of_the_loop(kwargs):
     loop = sample_within_clusters_loop(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms)
     assert torch.equal(coarse_map.coarse_of_fine[loop], coarse)
     for chunk in (1, 3, 32, 100):
-        batched, _ = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms,
-                                            chunk)
-        assert torch.equal(batched, loop), chunk
+        batched, log_prob = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params,
+                                                   uniforms, chunk=chunk)
+        assert torch.equal(batched, loop) and log_prob is None, chunk
+    # The confidence the S-step sampler ranks by: each pick's log-probability among its cluster's members, under the
+    # tempered logits.
+    batched, log_prob = sample_within_clusters(refiner, hidden, coarse, coarse_map.coarse_of_fine, params, uniforms,
+                                               confidence=True)
+    assert torch.equal(batched, loop)
+    logits = refiner.output(hidden).float()  # the sampler's logits are fp32
+    temperature = params.temperature or 1.0
+    for b, t in ((0, 0), (2, 7), (4, 15)):
+        members = torch.nonzero(coarse_map.coarse_of_fine == coarse[b, t]).flatten()
+        expected = (logits[b, t, members] / temperature).log_softmax(-1)[members.tolist().index(int(loop[b, t]))]
+        assert torch.allclose(log_prob[b, t], expected, rtol=1e-4, atol=1e-5), (b, t)
 
 
 @pytest.mark.slow

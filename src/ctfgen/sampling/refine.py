@@ -38,7 +38,7 @@ def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_
     fine = None if steps == 1 else torch.full_like(coarse, refiner.hidden_token)
     for step in range(steps):
         picked, log_prob = sample_pass(refiner, coarse, labels, fine, coarse_of_fine, params, restrict,
-                                       uniforms[:, step])
+                                       uniforms[:, step], confidence=fine is not None)
         if fine is None:
             return picked
         hidden = fine == refiner.hidden_token
@@ -50,10 +50,11 @@ def refine(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, coarse_
 
 
 def sample_pass(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, fine: torch.Tensor | None,
-                coarse_of_fine: torch.Tensor, params: SamplingParams, restrict: bool,
-                uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                coarse_of_fine: torch.Tensor, params: SamplingParams, restrict: bool, uniforms: torch.Tensor,
+                confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One refiner pass given the revealed tokens `fine` (None: a refiner that reads none): a sampled token at
-    every position [B, T] and its log-probability under the (guided) distribution it was sampled from."""
+    every position [B, T] and, with `confidence`, its log-probability under the (guided) distribution it was
+    sampled from (else None)."""
     use_cfg = params.guided
     rows = (coarse, labels, fine)
     if use_cfg:
@@ -63,21 +64,25 @@ def sample_pass(refiner: Refiner, coarse: torch.Tensor, labels: torch.Tensor, fi
     # The head is linear without bias, so guiding the hidden states guides the logits.
     hidden = guided(hidden, params.cfg_scale) if use_cfg else hidden
     if not restrict:
-        return pick(refiner.output(hidden).float(), params, uniforms)
-    return sample_within_clusters(refiner, hidden, coarse, coarse_of_fine, params, uniforms)
+        return pick(refiner.output(hidden).float(), params, uniforms, confidence)
+    return sample_within_clusters(refiner, hidden, coarse, coarse_of_fine, params, uniforms, confidence)
 
 
-def pick(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_tokens, and the log-probability of each pick under the tempered logits (the raw ones at T = 0)."""
+def pick(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor,
+         confidence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample_tokens, and with `confidence` the log-probability of each pick under the tempered logits (the raw ones
+    at T = 0; else None: the one-pass refiner has no use for it)."""
     picked = sample_tokens(logits, params, uniforms)
+    if not confidence:
+        return picked, None
     scaled = logits.float() / params.temperature if params.temperature > 0 else logits.float()
     return picked, scaled.log_softmax(-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
 
 
 def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor, coarse_of_fine: torch.Tensor,
-                           params: SamplingParams, uniforms: torch.Tensor,
-                           chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fine tokens [B, T] (and their log-probabilities): at each position, sampled (by its number in uniforms
+                           params: SamplingParams, uniforms: torch.Tensor, confidence: bool = False,
+                           chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fine tokens [B, T] (and with `confidence` their log-probabilities): at each position, sampled (by its number in uniforms
     [B, T]) from the softmax over its cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the
     members' logits are computed, not all V of them (a cluster holds V / K codewords on average), and all at once:
     the positions, grouped by cluster into chunks of up to `chunk` positions, meet their cluster's rows of the
@@ -98,9 +103,13 @@ def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch
     chunk_ids = table[torch.repeat_interleave(torch.arange(k, device=coarse.device), chunks)]  # [chunks, M]
     logits = refiner.member_logits(grouped.view(n_chunks, chunk, -1), chunk_ids).flatten(0, 1).index_select(0, rows)
     padding = torch.arange(table.shape[1], device=coarse.device) >= sizes[clusters, None]
-    picked, log_prob = pick(logits.masked_fill(padding, float("-inf")), params, flat_uniforms[order])
-    fine, fine_log_prob = torch.empty_like(flat_coarse), torch.empty_like(log_prob)
-    fine[order], fine_log_prob[order] = table[clusters, picked], log_prob
+    picked, log_prob = pick(logits.masked_fill(padding, float("-inf")), params, flat_uniforms[order], confidence)
+    fine = torch.empty_like(flat_coarse)
+    fine[order] = table[clusters, picked]
+    if log_prob is None:
+        return fine.view_as(coarse), None
+    fine_log_prob = torch.empty_like(log_prob)
+    fine_log_prob[order] = log_prob
     return fine.view_as(coarse), fine_log_prob.view_as(coarse)
 
 
