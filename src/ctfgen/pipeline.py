@@ -46,8 +46,7 @@ from ctfgen.sampling.request import (
     SamplingRequest,
     check_coarse,
     check_stage2,
-    check_stage2_steps,
-    check_top_k,
+    check_stage2_against,
     class_ids,
 )
 from ctfgen.tokenizer.model import VQModel
@@ -253,8 +252,7 @@ class CTFPipeline:
         n = whole_number(n, "n", minimum=1)
         coarse, labels = coarse.repeat_interleave(n, 0), labels.repeat_interleave(n)
         check_stage2(stage2_sampling)
-        check_top_k(stage2_sampling, "stage 2", self.tokenizer.config.codebook_size)
-        check_stage2_steps(stage2_sampling, self.stage2)
+        check_stage2_against(stage2_sampling, self)
         options = RunOptions(batch_size, output_type, progress=progress)
         seeds = image_seeds(seed, len(labels))
         with self._inference():

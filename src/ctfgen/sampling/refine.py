@@ -82,12 +82,12 @@ def pick(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor,
 def sample_within_clusters(refiner: Refiner, hidden: torch.Tensor, coarse: torch.Tensor, coarse_of_fine: torch.Tensor,
                            params: SamplingParams, uniforms: torch.Tensor, confidence: bool = False,
                            chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fine tokens [B, T] (and with `confidence` their log-probabilities): at each position, sampled (by its number in uniforms
-    [B, T]) from the softmax over its cluster's members of the refiner's logits at `hidden` [B, T, dim]. Only the
-    members' logits are computed, not all V of them (a cluster holds V / K codewords on average), and all at once:
-    the positions, grouped by cluster into chunks of up to `chunk` positions, meet their cluster's rows of the
-    output layer in one batched matmul; clusters are padded to the largest one, and the padding masked out of one
-    batched sampling call."""
+    """Fine tokens [B, T] (and with `confidence` their log-probabilities): at each position, sampled (by its number
+    in uniforms [B, T]) from the softmax over its cluster's members of the refiner's logits at `hidden` [B, T, dim].
+    Only the members' logits are computed, not all V of them (a cluster holds V / K codewords on average), and all
+    at once: the positions, grouped by cluster into chunks of up to `chunk` positions, meet their cluster's rows of
+    the output layer in one batched matmul; clusters are padded to the largest one, and the padding masked out of
+    one batched sampling call."""
     flat_hidden, flat_coarse, flat_uniforms = hidden.flatten(0, 1), coarse.flatten(), uniforms.flatten()
     table, sizes = member_table(coarse_of_fine)  # [K, M] fine ids of each cluster, padded; [K] cluster sizes
     k, n = len(sizes), len(flat_coarse)

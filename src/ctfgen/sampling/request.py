@@ -80,8 +80,7 @@ class SamplingRequest:
             raise CtfgenError("preview needs the CTF stages (mode='ctf')")
         check_top_k(self.sampling, "stage 1" if ctf else "baseline", model.config.vocab_size)
         if ctf:
-            check_top_k(self.stage2_sampling, "stage 2", pipe.tokenizer.config.codebook_size)
-            check_stage2_steps(self.stage2_sampling, pipe.stage2)
+            check_stage2_against(self.stage2_sampling, pipe)
         return replace(self, classes=classes)
 
     @property
@@ -226,6 +225,12 @@ def check_stage2_steps(params: SamplingParams, refiner) -> None:
     if params.steps > 1 and refiner.fine_embeddings is None:
         raise CtfgenError(f"stage 2 in {params.steps} steps needs a refiner trained with --reveal (it reads the fine "
                           f"tokens kept so far); this pipeline's refiner samples in one pass: use steps=1")
+
+
+def check_stage2_against(params: SamplingParams, pipe) -> None:
+    """What a pipeline's stage 2 can sample: top_k within its codebook, several passes only with a --reveal refiner."""
+    check_top_k(params, "stage 2", pipe.tokenizer.config.codebook_size)
+    check_stage2_steps(params, pipe.stage2)
 
 
 def check_top_k(params: SamplingParams, stage: str, vocab: int) -> None:
