@@ -11,18 +11,13 @@ PYTHON=${PYTHON:-.venv/bin/python}
 MAP512=runs/maps/coarse_map_k512.safetensors
 REFINER=runs/reveal/k512/checkpoint
 [ -f "$REFINER/model.safetensors" ] || experiments/stage2_steps.sh
-TRAIN="--codes runs/codes/train --eval-codes runs/codes/test --views 1 --steps 4690 --batch-size 64 --lr 5e-4 \
-  --warmup-steps 100 --lr-schedule cosine --dropout 0 --eval-every 469 --eval-items 2000 --ckpt-every 200 \
-  --snapshot-every 469 --compile --no-progress"
-for layers in 7 11; do
-  out=runs/deep/stage1_k512_L$layers
-  [ -f "$out/snapshots/step_0004690/model.safetensors" ] && continue
-  resume=$([ -f "$out/train_config.json" ] && echo --resume || true)
-  mkdir -p runs/deep
-  OMP_NUM_THREADS=1 $CTFGEN train --stage stage1 --model GPT-S --n-layer $layers --map "$MAP512" $TRAIN --out "$out" \
-    $resume > "$out.log" 2>&1 &
+source scripts/shipped_schedule.sh
+pids=()
+for layers in 7 11; do  # side by side, one thread each
+  shipped_train runs/deep/stage1_k512_L$layers stage1 GPT-S runs/codes --n-layer $layers --map "$MAP512" &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed training stops the script here (set -e)
 for layers in 7 11; do
   pipe=runs/deep/pipe_k512_l$layers
   [ -d "$pipe" ] || $CTFGEN assemble --out "$pipe" --tokenizer pretrained/fmnist/tokenizer --map "$MAP512" \

@@ -49,21 +49,13 @@ cp "$RUNS/redundancy/redundancy.png" "$OUT/redundancy_k128.png"
 #    The rule for running them on 2 cores: never more jobs than cores. Here the baseline and stage 1 run side by
 #    side with one thread each, and the core that frees first trains stage 2. ~2 h on an AVX-512 machine.
 #    An interrupted run resumes from its last checkpoint (every 200 steps).
-TRAIN=(--codes "$RUNS/codes/train" --eval-codes "$RUNS/codes/test" --views 1 --steps 4690 --batch-size 64 --lr 5e-4
-       --warmup-steps 100 --lr-schedule cosine --dropout 0 --eval-every 469 --eval-items 2000 --ckpt-every 200
-       --snapshot-every 469 --compile --no-progress)
 MAP="$OUT/coarse_map_k128.safetensors"
-train_run() {  # run (under $RUNS), stage, preset, extra flags...: resumed when it has a checkpoint
-  local run="$RUNS/$1" resume=()
-  [ -f "$run/snapshots/step_0004690/model.safetensors" ] && return
-  [ -f "$run/checkpoint/train_state.pt" ] && resume=(--resume)
-  mkdir -p "$(dirname "$run")"
-  OMP_NUM_THREADS=1 $CTFGEN train --stage "$2" --model "$3" "${@:4}" "${TRAIN[@]}" "${resume[@]}" --out "$run" \
-    > "$run.log" 2>&1
-}
-train_run conv/baseline baseline GPT-S &
-( train_run conv/stage1 stage1 GPT-S --map "$MAP" && train_run conv/stage2 stage2 GPT-XS --map "$MAP" ) &
-wait
+source scripts/shipped_schedule.sh
+shipped_train "$RUNS/conv/baseline" baseline GPT-S "$RUNS/codes" &
+baseline=$!
+shipped_train "$RUNS/conv/stage1" stage1 GPT-S "$RUNS/codes" --map "$MAP" &&
+  shipped_train "$RUNS/conv/stage2" stage2 GPT-XS "$RUNS/codes" --map "$MAP"
+wait "$baseline"  # its status: a failed training stops the script here (set -e)
 
 # 6. The shipped pipeline: tokenizer, map, stage 1, stage 2 and baseline (fp16).
 $CTFGEN assemble --out "$OUT" --tokenizer "$OUT/tokenizer" --map "$OUT/coarse_map_k128.safetensors" \
@@ -151,9 +143,10 @@ $PYTHON experiments/stage2_oracle.py --pipeline "$OUT" --codes "$RUNS/codes/trai
   > "$DOCS/oracle_k128.json"
 MAP512="$RUNS/kconv/coarse_map_k512.safetensors"
 [ -f "$MAP512" ] || $CTFGEN cluster --tokenizer "$OUT/tokenizer" --k 512 --seed 0 --out "$MAP512"
-train_run kconv/stage1_k512 stage1 GPT-S --map "$MAP512" &
-train_run kconv/stage2_k512 stage2 GPT-XS --map "$MAP512" &
-wait
+shipped_train "$RUNS/kconv/stage1_k512" stage1 GPT-S "$RUNS/codes" --map "$MAP512" &
+stage1=$!
+shipped_train "$RUNS/kconv/stage2_k512" stage2 GPT-XS "$RUNS/codes" --map "$MAP512"
+wait "$stage1"
 $CTFGEN assemble --out "$RUNS/kconv/pipe_k512" --overwrite --tokenizer "$OUT/tokenizer" --map "$MAP512" \
   --stage1 "$RUNS/kconv/stage1_k512/snapshots/step_0004690" --stage2 "$RUNS/kconv/stage2_k512/snapshots/step_0004690" \
   --baseline "$RUNS/conv/baseline/snapshots/step_0004690" --class-names fmnist --dtype fp16
