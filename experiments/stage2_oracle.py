@@ -57,6 +57,9 @@ def main() -> None:
         pipe.stage2 = Refiner.from_pretrained(args.refiner).to(DTYPES[args.dtype])
         pipe.coarse_map = CoarseMap.load(args.map)
         pipe.coarse_map.check_fingerprint(pipe.tokenizer.fingerprint, pipe.tokenizer.config.codebook_size)
+        if pipe.stage2.config.coarse_vocab_size != pipe.coarse_map.k:  # the one check of the pair left to do here
+            parser.error(f"--refiner reads {pipe.stage2.config.coarse_vocab_size} coarse labels; --map has "
+                         f"{pipe.coarse_map.k}: give the map it was trained with")
     codes = CodeDataset(args.codes)
     index = np.sort(np.random.default_rng(args.seed).permutation(len(codes))[:args.n])
     fine = codes.grids(index)[:, 0]  # the first view: the image itself
