@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ctfgen.backends.cpu_decode import attention_few_queries
-from ctfgen.backends.precision import PRECISIONS, resolve_precision
+from ctfgen.backends.precision import PRECISIONS, resolve_dtype
 from ctfgen.bench import cpu_description, interleaved_median_seconds, read_bandwidth
 from ctfgen.files import write_atomic
 from ctfgen.pipeline import CTFPipeline
@@ -83,8 +83,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = CTFPipeline.from_pretrained(args.pipeline)
-    precision = resolve_precision(args.precision, pipe.device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    precision, dtype = resolve_dtype(args.precision, pipe.device)
     result = {"batch": args.batch, "precision": precision, "threads": torch.get_num_threads(),
               "cpu": cpu_description(), "load_average": os.getloadavg()[0]}
     with torch.no_grad():

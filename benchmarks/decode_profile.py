@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ctfgen.backends.precision import PRECISIONS, resolve_precision
+from ctfgen.backends.precision import PRECISIONS, resolve_dtype
 from ctfgen.bench import cpu_description, median_seconds, mid_sequence_step, top_operators
 from ctfgen.files import write_atomic
 from ctfgen.pipeline import CTFPipeline
@@ -44,8 +44,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     pipe = CTFPipeline.from_pretrained(args.pipeline)
-    precision = resolve_precision(args.precision, pipe.device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    precision, dtype = resolve_dtype(args.precision, pipe.device)
     pipe = pipe.copy(dtype)
     if args.compile:
         pipe.compile_decoding()

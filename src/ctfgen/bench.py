@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctfgen.backends.decoding import decode_backend
-from ctfgen.backends.precision import resolve_precision
+from ctfgen.backends.precision import resolve_dtype
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.decode import image_uniforms
 from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS, SamplingParams
@@ -140,8 +140,7 @@ def benchmark(pipe: CTFPipeline, batch: int = 64, cfg_scale: float = STAGE1_DEFA
     pipeline's own steps, timed on a copy of it (cast to bf16 where `precision` says so; with its decode step
     compiled when `compile` is given or the caller's already is): the caller's models are left as they are."""
     batch, repeats = POSITIVE.check(batch, "batch"), POSITIVE.check(repeats, "repeats")
-    precision = resolve_precision(precision, pipe.device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    precision, dtype = resolve_dtype(precision, pipe.device)
     compiled = compile or pipe.decoding_compiled
     pipe = pipe.copy(dtype)  # the tokenizer is shared and stays fp32: bf16 convolutions are slow on CPUs without AMX
     if compiled:

@@ -24,6 +24,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """`resolve_precision`, and the dtype that precision computes in: bf16 or fp32."""
+    precision = resolve_precision(precision, device)
+    return precision, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def autocast_context(precision: str, device: torch.device):
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
