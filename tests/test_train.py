@@ -71,6 +71,22 @@ def test_n_layer_below_one_is_refused_in_one_line(codes, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_log_gets_a_progress_line_at_every_tenth_of_the_run(codes, tmp_path, capsys, monkeypatch):
+    """Where stderr is not a terminal (capsys's is not) there is no bar; a line at each tenth of the steps says how far
+    the run is, at most one a minute, so a run of seconds prints none."""
+    from ctfgen.training import run
+
+    def progress_lines(out) -> list[str]:
+        assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "20")) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("stage1: step")]
+
+    assert progress_lines(tmp_path / "quiet") == []
+    monkeypatch.setattr(run, "PROGRESS_LINE_SECONDS", 0)
+    lines = progress_lines(tmp_path / "lines")
+    assert [int(line.split()[2]) for line in lines] == list(range(2, 21, 2))
+    assert all(" of 20, loss " in line and line.endswith(" left") for line in lines), lines
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
     """Kill a run hard after a checkpoint at step N; resuming to 2N gives the uninterrupted weights."""

@@ -19,6 +19,7 @@ from ctfgen.fit.presets import PRESETS, FitConfig, resolve
 from ctfgen.fit.state import FIT_JSON, FitState
 from ctfgen.fit.steps import Context, Step, plan, step_fingerprint
 from ctfgen.training.distributed import Runtime, all_gather_object, barrier, launched
+from ctfgen.training.run import format_duration
 
 
 @dataclass
@@ -62,7 +63,7 @@ def fit(request: FitRequest) -> dict | None:
         return None
     ctx.runtime = Runtime(device=runtime.device)
     run_steps(steps, range(tail, len(steps)), ctx, state)
-    say(f"finished in {_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
+    say(f"finished in {format_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
         f"{ctx.out / 'report.md'}")
     return ctx.results["report"]
 
@@ -96,7 +97,7 @@ def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) 
             seconds = time.perf_counter() - started
             ctx.results[step.name], ctx.seconds[step.name] = result, round(seconds, 2)
             state.done(step.name, step.fingerprint, step.inputs, seconds, result)
-            say(f"{label}: done in {_duration(seconds)}")
+            say(f"{label}: done in {format_duration(seconds)}")
 
 
 def remove_stale_writes(folder: Path, stem: str) -> None:
@@ -193,8 +194,3 @@ def _summary(data: FitData) -> dict:
     return summary
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"

@@ -17,12 +17,17 @@ kind and config, the run's options, the step; model.safetensors: the full weight
 RNG state of every rank, the optimizer state numbered as `optimizer.state_dict()` numbers it, and the loop's own
 entries) and, with `snapshot_every`, snapshots/step_N (weights only, for scoring the run's progress afterwards).
 The tensors are full whether the run is sharded (FSDP) or not, so either kind of run resumes the other's.
+
+Where stderr is not a terminal (a log file, a batch job), there is no progress bar; a line at every tenth of the run
+says how far it is instead (at most one a minute, so short runs stay quiet).
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -116,6 +121,9 @@ class TrainingRun:
         self._stop = StopFlag()
         self._bar = tqdm(total=self.cfg.steps, initial=self.start_step, desc=self.name, unit="step",
                          dynamic_ncols=True, disable=not (self.cfg.progress and self.runtime.is_main))
+        self._lines = self._bar.disable and self.runtime.is_main and not sys.stderr.isatty()
+        self._figures, self._started = {}, time.monotonic()
+        self._last_line = self._started
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,14 +136,30 @@ class TrainingRun:
             append_line(self.out / METRICS_NAME, json.dumps(metrics))
 
     def show(self, **figures) -> None:
-        """Figures beside the progress bar."""
+        """Figures beside the progress bar (or in the progress lines)."""
         self._bar.set_postfix(**figures)
+        self._figures = figures
+
+    def _progress_line(self, step: int) -> None:
+        """A line for a log: the step, the figures last shown, the time left at the pace so far."""
+        if step % max(1, self.cfg.steps // 10):
+            return
+        now = time.monotonic()
+        if now - self._last_line < PROGRESS_LINE_SECONDS:
+            return
+        self._last_line = now
+        left = (now - self._started) / (step - self.start_step) * (self.cfg.steps - step)
+        figures = "".join(f", {name} {value}" for name, value in self._figures.items())
+        print(f"{self.name}: step {step} of {self.cfg.steps}{figures}, about {format_duration(left)} left",
+              file=sys.stderr, flush=True)
 
     def end_step(self, step: int) -> bool:
         """After step `step` (counted from 1) on every rank: advance the progress bar, agree whether to stop
         (SIGTERM/SIGINT on any rank), checkpoint every ckpt_every steps, at the last step, on a stop and at
         snapshots. True: stop now."""
         self._bar.update(1)
+        if self._lines:
+            self._progress_line(step)
         stop = any_rank(self._stop.raised, self.runtime)  # all ranks stop together, or the next collective hangs
         snapshot = self.snapshot_every > 0 and step % self.snapshot_every == 0
         if step % self.cfg.ckpt_every == 0 or step == self.cfg.steps or stop or snapshot:
@@ -157,6 +181,17 @@ class TrainingRun:
             if snapshot:
                 save_checkpoint(self.out / "snapshots" / f"step_{step:07d}", config, weights)
         barrier(self.runtime)
+
+
+PROGRESS_LINE_SECONDS = 60  # at most one progress line a minute
+
+
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h10m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 # Full tensors on the CPU of rank 0, whether the module is sharded (FSDP) or not.
