@@ -9,7 +9,7 @@ import torch
 
 from ctfgen.backends import cpu_decode
 from ctfgen.backends.cpu_decode import PackedDecoder, packed_linear_supported
-from ctfgen.backends.decoding import DECODE_BACKEND_ENV, decode_backend
+from ctfgen.backends.decoding import DECODE_BACKEND_ENV, compile_decoding, decode_backend
 from ctfgen.backends.eager import EagerDecoder
 from ctfgen.errors import CtfgenError
 from ctfgen.models.config import gpt_config
@@ -32,7 +32,7 @@ def random_gpt(seed: int = 0) -> GPT:
 
 
 def step_logits(decoder, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Logits [B, 4, V] of the prefill and three steps fed idx [B, 3], each over the filled cache positions only;
+    """Logits [B, 1 + T, V] of the prefill and T steps fed idx [B, T], each over the filled cache positions only;
     `decoder` is a backend's decoder or the model itself (the same methods)."""
     out = [decoder.prefill(labels)]
     out += [decoder.decode_step(idx[:, t], torch.tensor([t + 1]), kv_len=t + 2) for t in range(idx.shape[1])]
@@ -73,6 +73,25 @@ def test_cpu_backend_gives_the_pure_models_logits_and_follows_the_weights():
         twin.output.weight.mul_(2)
     check_against_pure_model(twin)
     check_against_pure_model(model)
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_the_compiled_cpu_step_gives_the_pure_models_logits():
+    """The compiled step (attention normalised after the weighted sum, no mask for a step's one query) against the
+    pure model in float64, at every position of the grid."""
+    model = random_gpt()
+    compile_decoding(model)
+    labels, idx = torch.tensor([0, 2, 5]), torch.randint(0, 37, (3, 15), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        model.setup_caches(max_batch_size=3)
+        decoder = decode_backend(model)
+        assert isinstance(decoder, PackedDecoder) and decoder.step is not cpu_decode.packed_step  # compiled
+        compiled = step_logits(decoder, labels, idx)
+        reference.setup_caches(max_batch_size=3)
+        pure = step_logits(reference, labels, idx)
+    torch.testing.assert_close(compiled.double(), pure.double(), atol=1e-4, rtol=1e-5)  # pure: fp64, logits fp32
 
 
 @needs_onednn

@@ -126,15 +126,22 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_few_queries(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
+                          mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q keys^T / sqrt(D), masked) values for the few queries of a cached step, on the CPU: q [B, H, S, D],
-    keys / values [B, H, L, D], bool mask [1, 1, S, L] -> [B, H, S, D] in fp32 (fp64 for fp64 inputs): scores,
-    softmax and sums in fp32 at least, as in SDPA's fused kernels. SDPA's CPU flash kernel is built for blocks of many
-    queries; with one query a row it takes 1.1x (fp32) to 1.8x (bf16) the time of these two batched matmuls (batch
-    128, 4 heads, 33 keys). torch.compile fuses them into one pass over the keys and one over the values."""
+    keys / values [B, H, L, D], bool mask [1, 1, S, L] (None: every key, as for the one query of a decode step) ->
+    [B, H, S, D] in fp32 (fp64 for fp64 inputs): scores, softmax and sums in fp32 at least, as in SDPA's fused kernels.
+    SDPA's CPU flash kernel is built for blocks of many queries; with one query a row it takes 1.1x (fp32) to 1.8x
+    (bf16) the time of these two batched matmuls (batch 128, 4 heads, 33 keys). torch.compile fuses them into one
+    pass over the keys and one over the values."""
     scores = torch.matmul(at_least_fp32(q), at_least_fp32(keys).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    probs = scores.masked_fill(mask.logical_not(), float("-inf")).softmax(-1)
-    return torch.matmul(probs, at_least_fp32(values))
+    if mask is not None:
+        scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+    if not torch.compiler.is_compiling():
+        return torch.matmul(scores.softmax(-1), at_least_fp32(values))
+    # Compiled, the softmax's division would sit inside the pass over the values, once per key and channel;
+    # normalising the weighted sum instead divides once per channel.
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    return torch.matmul(weights, at_least_fp32(values)) / weights.sum(-1, keepdim=True)
 
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -157,7 +164,9 @@ def block_step(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor
     keys, values = attention.kv_cache.k_cache[: len(x), :, :kv_len], attention.kv_cache.v_cache[: len(x), :, :kv_len]
     keys[:, :, kv_len - x.shape[1]:].copy_(k)
     values[:, :, kv_len - x.shape[1]:].copy_(v)
-    y = attention_few_queries(q.to(keys.dtype), keys, values, mask).to(x.dtype).transpose(1, 2).reshape(x.shape)
+    one_query = x.shape[1] == 1  # a decode step: its query sees every filled position, no mask needed
+    y = attention_few_queries(q.to(keys.dtype), keys, values, None if one_query else mask)
+    y = y.to(x.dtype).transpose(1, 2).reshape(x.shape)
     h = packed_linear(y, w.wo, x, "add")  # x + wo(y)
     normed = block.ffn_norm(h)
     gated = packed_linear(normed, w.w3, packed_linear(normed, w.w1, post_op="silu"), "mul")  # silu(w1 n) * w3 n
