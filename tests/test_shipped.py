@@ -4,6 +4,10 @@ recognisable: the shipped classifier names the class that was asked for in most 
 import copy
 import hashlib
 import json
+import os
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +85,27 @@ if __name__ == "__main__":
     shipped = CTFPipeline.from_pretrained(SHIPPED)
     for name, settings in (("SAMPLE_SHA256", {}), ("TUNED_SHA256", TUNED)):
         print(f"{name} = {json.dumps(sample_checksums(shipped, **settings), indent=4)}")
+
+
+def test_the_shipped_schedule_is_the_recorded_one_and_parses(tmp_path):
+    """scripts/shipped_schedule.sh, which the reproduce script and the experiments train with, gives `ctfgen train`
+    the flags pretrained/fmnist/README.md records for the shipped transformers, and they parse; a run whose last
+    snapshot exists is not started again."""
+    from ctfgen.cli import build_parser
+
+    def shipped_train(out: Path) -> None:
+        script = f"source {SHIPPED.parents[1] / 'scripts/shipped_schedule.sh'}; shipped_train \"$1\" stage1 GPT-S " \
+                 "runs/codes --map pretrained/fmnist/coarse_map_k128.safetensors"
+        subprocess.run(["bash", "-c", script, "bash", str(out)], check=True, env=os.environ | {"CTFGEN": "echo"})
+
+    shipped_train(tmp_path / "run")
+    words = shlex.split((tmp_path / "run.log").read_text())
+    build_parser().parse_args(words)  # exits (SystemExit) on a flag the CLI does not take
+    recorded = shlex.split(re.search(r'^TRAIN="([^"]+)"$', (SHIPPED / "README.md").read_text(), re.M).group(1))
+    assert words[words.index("--codes"):words.index("--out")] == recorded
+    snapshot = tmp_path / "run/snapshots/step_0004690"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").touch()
+    (tmp_path / "run.log").unlink()
+    shipped_train(tmp_path / "run")
+    assert not (tmp_path / "run.log").exists()
