@@ -36,7 +36,8 @@ def register(commands) -> None:
                         "weights-inception-2015-12-05-6726825d.pth): FID for any images")
     add_device_flag(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bars (on a terminal) (default on)")
+                        help="progress bars on a terminal; in a log, a line at every tenth of each training either "
+                             "way (default on)")
     parser.set_defaults(func=cmd_fit)
 
 

@@ -115,7 +115,8 @@ class TokenizerTrainConfig:
     num_workers: int = field(default=0, metadata={"help": "data loading processes (0: in the training process)",
                                                   "rule": NON_NEGATIVE})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
-    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
+    progress: bool = field(default=True, metadata={
+        "help": "a progress bar on a terminal (in a log, a line at every tenth of the run either way)"})
 
     def __post_init__(self):
         check_fields(self)

@@ -77,7 +77,8 @@ class TrainConfig:
                 "trains unsharded. Checkpoints are the same either way"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (~30 s once, then ~1.2x faster on a CPU)"})
-    progress: bool = field(default=True, metadata={"help": "a progress bar (on a terminal)"})
+    progress: bool = field(default=True, metadata={
+        "help": "a progress bar on a terminal (in a log, a line at every tenth of the run either way)"})
 
     def __post_init__(self):
         check_fields(self)
