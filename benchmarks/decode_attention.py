@@ -21,6 +21,7 @@ per-step milliseconds follow. The two settings alternate call batch by call batc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -46,15 +47,15 @@ def attention_figures(model, rows: int, dtype: torch.dtype, cold_bytes: int, rep
               for _ in range(max(2, -(-cold_bytes // cache_bytes)))]
     q = torch.randn(rows, config.n_head, 1, config.head_dim).to(dtype)
     mask = torch.ones(1, 1, 1, kv_len, dtype=torch.bool)
+
     @torch.compile(fullgraph=True)
     def call(keys, values):  # as `cpu_decode.block_step` attends: the filled part of the cache, sliced in the graph
         return attention_few_queries(q, keys[:, :, :kv_len], values[:, :, :kv_len], mask)
 
-    state = {"next": 0}
+    in_turn = itertools.cycle(caches[1:] + caches[:1])
 
     def from_memory():  # the next cache in the cycle: read from memory
-        state["next"] = (state["next"] + 1) % len(caches)
-        call(*caches[state["next"]])
+        call(*next(in_turn))
 
     calls = 20  # per timed sample, so that a sample is ~ms
     seconds = interleaved_median_seconds({"hot": lambda: [call(*caches[0]) for _ in range(calls)],
