@@ -3,22 +3,19 @@
     python benchmarks/decode_attention.py --pipeline pretrained/fmnist --batch 64 \
         --out docs/results/decode_attention.json
 
-A cached decode step of the CPU backend spends about half its time outside the matmuls, and much of that in the
-attention of each block over the cache. This times that attention alone, for the stage 1 and the baseline of a
-pipeline, at the middle of the grid with 2 x batch rows (CFG), in the precision --precision resolves to (auto: bf16
-on CPUs with native bf16), as two kernels compute it: "fused", inductor's fusion of
-`cpu_decode.attention_few_queries` on the model's cache layout (the compiled step without the C++ kernel), and
-"kernel", the C++ kernel on a position-major cache (`cpu_attention`; bf16 on CPUs with AVX512-BF16 only). Each:
+A cached decode step of the CPU backend spends about half its time outside the matmuls, and most of that in the
+attention of each block over the cache (`cpu_decode.attention_few_queries`, compiled, as the compiled step runs it).
+This times that attention alone, for the stage 1 and the baseline of a pipeline, at the middle of the grid with
+2 x batch rows (CFG), in the precision --precision resolves to (auto: bf16 on CPUs with native bf16):
 
 - hot: the same layer's cache every call, so it stays in the CPU's caches (what a micro-benchmark shows);
 - from memory: calls cycle through enough caches of that shape to exceed --cold-bytes (default 256 MB), so each one
   reads its keys and values from memory, as in a real step, where the other layers' caches and the weights have
   pushed it out (the whole model's cache at batch 64 is larger than this CPU's last-level cache).
 
-For each kernel and setting: microseconds per call, the keys and values it reads, and the bytes/s that makes,
-beside `read_bandwidth` (`ctfgen.bench`: a plain sum over a buffer of the same size, as the roofline uses); and the
-layers' count, so that per-step milliseconds follow. All alternate call batch by call batch
-(`interleaved_median_seconds`).
+For each: microseconds per call, the keys and values it reads, and the bytes/s that makes, beside `read_bandwidth`
+(`ctfgen.bench`: a plain sum over a buffer of the same size, as the roofline uses); and the layers' count, so that
+per-step milliseconds follow. The two settings alternate call batch by call batch (`interleaved_median_seconds`).
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from ctfgen.backends import cpu_attention
 from ctfgen.backends.cpu_decode import attention_few_queries
 from ctfgen.backends.precision import PRECISIONS, resolve_dtype
 from ctfgen.bench import cpu_description, interleaved_median_seconds, read_bandwidth
@@ -39,54 +35,39 @@ from ctfgen.files import write_atomic
 from ctfgen.pipeline import CTFPipeline
 
 
-def new_caches(shape: torch.Size, dtype: torch.dtype, position_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random keys and values of a layer's cache shape [rows, heads, positions, dim], laid out as `KVCache` lays
-    them out."""
-    if not position_major:
-        return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    rows, heads, positions, dim = shape
-    return tuple(torch.randn(positions, rows, heads, dim).to(dtype).permute(1, 2, 0, 3) for _ in "kv")
-
-
 def attention_figures(model, rows: int, dtype: torch.dtype, cold_bytes: int, repeats: int) -> dict:
-    """Hot and from-memory timings of one block's attention of a mid-grid decode step of `model`: inductor's fused
-    kernel on the model's cache layout, and where it serves, the C++ kernel on a position-major cache."""
+    """Hot and from-memory timings of one block's attention of a mid-grid decode step of `model`."""
     config = model.config
     model.setup_caches(max_batch_size=rows, dtype=dtype)  # for the shape of a layer's cache, as decoding has it
     shape = model.layers[0].attention.kv_cache.k_cache.shape
     model.clear_caches()
     kv_len = config.block_size // 2 + 1  # `ctfgen.bench.mid_sequence_step`'s step
     cache_bytes = 2 * torch.Size(shape).numel() * dtype.itemsize
-    n_caches = max(2, -(-cold_bytes // cache_bytes))
+    caches = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
+              for _ in range(max(2, -(-cold_bytes // cache_bytes)))]
     q = torch.randn(rows, config.n_head, 1, config.head_dim).to(dtype)
+    mask = torch.ones(1, 1, 1, kv_len, dtype=torch.bool)
 
     @torch.compile(fullgraph=True)
-    def fused(keys, values):  # as `cpu_decode.block_step` attends: the filled part of the cache, sliced in the graph
-        return attention_few_queries(q, keys[:, :, :kv_len], values[:, :, :kv_len], None)
+    def call(keys, values):  # as `cpu_decode.block_step` attends: the filled part of the cache, sliced in the graph
+        return attention_few_queries(q, keys[:, :, :kv_len], values[:, :, :kv_len], mask)
 
-    def kernel(keys, values):
-        return cpu_attention.decode_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len])
+    in_turn = itertools.cycle(caches[1:] + caches[:1])
 
-    attentions = {"fused": (fused, False)}
-    if dtype == torch.bfloat16 and config.head_dim % 32 == 0 and cpu_attention.load():
-        attentions["kernel"] = (kernel, True)
+    def from_memory():  # the next cache in the cycle: read from memory
+        call(*next(in_turn))
+
     calls = 20  # per timed sample, so that a sample is ~ms
-    timed = {}
-    for name, (attend, position_major) in attentions.items():
-        caches = [new_caches(shape, dtype, position_major) for _ in range(n_caches)]
-        in_turn = itertools.cycle(caches[1:] + caches[:1])
-        timed[name, "hot"] = lambda attend=attend, hot=caches[0]: [attend(*hot) for _ in range(calls)]
-        timed[name, "from_memory"] = lambda attend=attend, in_turn=in_turn: [  # the next cache: read from memory
-            attend(*next(in_turn)) for _ in range(calls)]
-    seconds = interleaved_median_seconds(timed, repeats, warmup=2)
+    seconds = interleaved_median_seconds({"hot": lambda: [call(*caches[0]) for _ in range(calls)],
+                                          "from_memory": lambda: [from_memory() for _ in range(calls)]},
+                                         repeats, warmup=2)
     read = 2 * rows * config.n_head * kv_len * config.head_dim * dtype.itemsize  # keys and values attended to
     figures = {"rows": rows, "n_layer": config.n_layer, "n_head": config.n_head, "head_dim": config.head_dim,
-               "kv_len": kv_len, "cache_shape": list(shape), "caches_cycled": n_caches, "bytes_read": read,
+               "kv_len": kv_len, "cache_shape": list(shape), "caches_cycled": len(caches), "bytes_read": read,
                "read_bandwidth": read_bandwidth(read)}
-    for (name, setting), total in seconds.items():
+    for name, total in seconds.items():
         us = total / calls * 1e6
-        figures.setdefault(name, {})[setting] = {"us_per_layer": us, "ms_per_step": us * config.n_layer / 1e3,
-                                                 "bytes_per_s": read / us * 1e6}
+        figures[name] = {"us_per_layer": us, "ms_per_step": us * config.n_layer / 1e3, "bytes_per_s": read / us * 1e6}
     return figures
 
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from ctfgen.backends import cpu_attention, cpu_decode
+from ctfgen.backends import cpu_decode
 from ctfgen.backends.cpu_decode import PackedDecoder, packed_linear_supported
-from ctfgen.backends.decoding import DECODE_BACKEND_ENV, compile_decoding, decode_backend, setup_caches
+from ctfgen.backends.decoding import DECODE_BACKEND_ENV, compile_decoding, decode_backend
 from ctfgen.backends.eager import EagerDecoder
 from ctfgen.errors import CtfgenError
 from ctfgen.models.config import gpt_config
@@ -18,8 +18,6 @@ from ctfgen.sampling.decode import generate
 from ctfgen.sampling.params import SamplingParams
 
 needs_onednn = pytest.mark.skipif(not packed_linear_supported(torch.float32), reason="no oneDNN in this torch build")
-needs_avx512_bf16 = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
-                                       reason="the CPU attention kernel needs AVX512-BF16")
 
 
 def random_gpt(seed: int = 0) -> GPT:
@@ -41,13 +39,12 @@ def step_logits(decoder, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tenso
     return torch.stack(out, 1)
 
 
-def check_against_pure_model(model: GPT, position_major: bool = False) -> torch.Tensor:
-    """The CPU backend's logits, on caches of either layout, against those of the pure model computed in float64;
-    returns them."""
+def check_against_pure_model(model: GPT) -> torch.Tensor:
+    """The CPU backend's logits against those of the pure model computed in float64; returns them."""
     labels, idx = torch.tensor([0, 2, 5]), torch.tensor([[1, 4, 36], [0, 0, 7], [12, 30, 2]])  # 5: the null class
     reference = copy.deepcopy(model).double()
     with torch.no_grad():
-        model.setup_caches(max_batch_size=3, position_major=position_major)
+        model.setup_caches(max_batch_size=3)
         decoder = decode_backend(model)
         assert isinstance(decoder, PackedDecoder)
         packed = step_logits(decoder, labels, idx)
@@ -76,94 +73,6 @@ def test_cpu_backend_gives_the_pure_models_logits_and_follows_the_weights():
         twin.output.weight.mul_(2)
     check_against_pure_model(twin)
     check_against_pure_model(model)
-
-
-@needs_onednn
-def test_position_major_caches_give_the_same_logits():
-    """The layout the attention kernel streams: the CPU backend's few-query attention and the pure model's cache
-    writes and attention read it as they read the usual one."""
-    model = random_gpt()
-    check_against_pure_model(model, position_major=True)
-    labels, idx = torch.tensor([1, 5]), torch.tensor([[3, 9, 20, 0], [36, 1, 1, 8]])
-    pure = copy.deepcopy(model).double()
-    with torch.no_grad():
-        logits = {}
-        for position_major in (False, True):
-            pure.setup_caches(max_batch_size=3, position_major=position_major)  # more rows than decoded
-            assert pure.layers[0].attention.kv_cache.k_cache.is_contiguous() != position_major
-            logits[position_major] = step_logits(pure, labels, idx)
-    torch.testing.assert_close(logits[True], logits[False], atol=1e-12, rtol=0)
-
-
-def float64_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    scores = q.double() @ keys.double().transpose(-1, -2) / q.shape[-1] ** 0.5
-    return scores.softmax(-1) @ values.double()
-
-
-@needs_avx512_bf16
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-def test_the_cpu_attention_kernel_against_float64(head_dim):
-    """The C++ kernel (bf16 products summed in fp32) against softmax(q k^T / sqrt(D)) v in float64 of the same bf16
-    values, on either cache layout, over a batch slice of the cache, for 1 to all positions."""
-    assert cpu_attention.load()
-    generator = torch.Generator().manual_seed(head_dim)
-    rows, heads, positions = 6, 3, 24
-    q = torch.randn(rows - 1, heads, 1, head_dim, generator=generator).to(torch.bfloat16)
-    for position_major in (False, True):
-        shape = (positions, rows, heads, head_dim) if position_major else (rows, heads, positions, head_dim)
-        caches = [3 * torch.randn(shape, generator=generator).to(torch.bfloat16) for _ in "kv"]
-        keys, values = [c.permute(1, 2, 0, 3) if position_major else c for c in caches]
-        for kv_len in (1, 17, positions):
-            k, v = keys[:rows - 1, :, :kv_len], values[:rows - 1, :, :kv_len]
-            assert cpu_attention.serves(k)
-            out = cpu_attention.decode_attention(q, k, v)
-            assert out.dtype == torch.float32 and out.shape == q.shape
-            torch.testing.assert_close(out.double(), float64_attention(q, k, v), atol=2e-5, rtol=1e-5)
-
-
-@needs_onednn
-def test_caches_are_position_major_where_the_attention_kernel_serves(monkeypatch):
-    """`decoding.setup_caches` lays the caches out for the kernel only for bf16 caches of the CPU backend with the
-    kernel loaded; everywhere else the model's own layout."""
-    narrow = GPT(gpt_config("GPT-tiny", 37, 16, 5, n_head=4)).eval()  # head_dim 16: too narrow for the kernel
-    wide = random_gpt()  # head_dim 32
-    layout = lambda m: m.layers[0].attention.kv_cache.position_major  # noqa: E731
-    monkeypatch.setattr(cpu_attention, "load", lambda: True)
-    with torch.no_grad():
-        setup_caches(wide, 4, dtype=torch.bfloat16)
-        assert layout(wide)
-        setup_caches(wide, 4)  # fp32
-        assert not layout(wide)
-        setup_caches(narrow, 4, dtype=torch.bfloat16)
-        assert not layout(narrow)
-        monkeypatch.setenv(DECODE_BACKEND_ENV, "eager")
-        setup_caches(wide, 4, dtype=torch.bfloat16)
-        assert not layout(wide)
-        monkeypatch.setenv(DECODE_BACKEND_ENV, "auto")
-        monkeypatch.setattr(cpu_attention, "load", lambda: False)
-        setup_caches(wide, 4, dtype=torch.bfloat16)
-        assert not layout(wide)
-    setup_caches(wide, 4, dtype=torch.bfloat16)  # autograd on: no CPU backend
-    assert not layout(wide)
-
-
-@needs_onednn
-@needs_avx512_bf16
-def test_bf16_decoding_runs_the_attention_kernel(monkeypatch):
-    """generate() in bf16 on this CPU: every one-query step of every layer through the kernel, on position-major
-    caches."""
-    calls = []
-
-    def counted(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    kernel = cpu_attention._decode_attention
-    monkeypatch.setattr(cpu_attention, "_decode_attention", counted)
-    model = random_gpt().to(torch.bfloat16)
-    generate(model, torch.tensor([0, 3]), SamplingParams(cfg_scale=2.0))
-    assert model.layers[0].attention.kv_cache.position_major
-    assert len(calls) == 16 * model.config.n_layer  # 16 tokens: the class token's prefill and 15 steps, one query each
 
 
 @needs_onednn

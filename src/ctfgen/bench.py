@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctfgen.backends.decoding import decode_backend, setup_caches
+from ctfgen.backends.decoding import decode_backend
 from ctfgen.backends.precision import resolve_dtype
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.decode import image_uniforms
@@ -255,7 +255,7 @@ def mid_sequence_step(model, rows: int, dtype: torch.dtype):
     of no arguments; the backend's decoder; the cache positions the step attends to), on caches made for it in dtype
     and freed after."""
     device = next(model.parameters()).device
-    setup_caches(model, rows, dtype=dtype)
+    model.setup_caches(max_batch_size=rows, dtype=dtype)
     try:
         decoder = decode_backend(model)
         decoder.prefill(torch.zeros(rows, dtype=torch.long, device=device))

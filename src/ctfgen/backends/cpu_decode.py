@@ -4,10 +4,8 @@ A decode step multiplies ~128 rows by every weight matrix. At such shapes MKL's 
 half of this CPU's fp32 peak (105 GFLOP/s for 128 x 256 x 768 on an AVX-512 EPYC, 2 threads), while oneDNN on weights
 reordered once into its blocked layout reaches 210 (fp32) and 390 (bf16, against 295 for F.linear). oneDNN also
 applies an activation, or an add / product with another tensor, to the tile it has just computed, which saves the
-separate elementwise kernels of the residual adds and SwiGLU. Attention over the cache is, for the one query of a
-decode step over a bf16 cache on CPUs with AVX512-BF16, a C++ kernel streaming a position-major cache
-(`cpu_attention.py`); otherwise two batched matmuls (`attention_few_queries`), not SDPA's CPU flash kernel, which is
-built for blocks of many queries. A step's keys and
+separate elementwise kernels of the residual adds and SwiGLU. Attention over the cache is two batched matmuls
+(`attention_few_queries`), not SDPA's CPU flash kernel, which is built for blocks of many queries. A step's keys and
 values go into the cache as a slice copy, and in eager mode RoPE is one complex product (`rotate`): each replaces about
 ten small kernels (together 13% of an eager bf16 step of GPT-S at 128 rows, in CPU time on one thread).
 
@@ -22,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 
-from ctfgen.backends import cpu_attention
 from ctfgen.backends.eager import compiled
 from ctfgen.models.blocks import CLS_TOKEN_NUM, TransformerBlock, apply_rotary_emb
 from ctfgen.models.gpt import GPT
@@ -168,10 +165,7 @@ def block_step(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor
     keys[:, :, kv_len - x.shape[1]:].copy_(k)
     values[:, :, kv_len - x.shape[1]:].copy_(v)
     one_query = x.shape[1] == 1  # a decode step: its query sees every filled position, no mask needed
-    if one_query and cpu_attention.serves(keys):
-        y = cpu_attention.decode_attention(q.to(keys.dtype), keys, values)
-    else:
-        y = attention_few_queries(q.to(keys.dtype), keys, values, None if one_query else mask)
+    y = attention_few_queries(q.to(keys.dtype), keys, values, None if one_query else mask)
     y = y.to(x.dtype).transpose(1, 2).reshape(x.shape)
     h = packed_linear(y, w.wo, x, "add")  # x + wo(y)
     normed = block.ffn_norm(h)

@@ -117,21 +117,14 @@ class FeedForward(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static, preallocated keys and values [B, n_head, max_seq_len, head_dim], written in place. position_major:
-    held in memory as [max_seq_len, B, n_head, head_dim] and seen through the same shape, so that the filled
-    positions are one block (the layout the CPU backend's attention kernel streams)."""
+    """Static, preallocated keys and values [B, n_head, max_seq_len, head_dim], written in place."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_head: int, head_dim: int,
-                 dtype: torch.dtype, device=None, position_major: bool = False):
+                 dtype: torch.dtype, device=None):
         super().__init__()
-        self.position_major = position_major
-        for name in ("k_cache", "v_cache"):
-            if position_major:
-                cache = torch.zeros(max_seq_len, max_batch_size, n_head, head_dim, dtype=dtype, device=device)
-                cache = cache.permute(1, 2, 0, 3)
-            else:
-                cache = torch.zeros(max_batch_size, n_head, max_seq_len, head_dim, dtype=dtype, device=device)
-            self.register_buffer(name, cache, persistent=False)
+        shape = (max_batch_size, n_head, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, S, D] at positions input_pos [S]; return the first B rows of the caches."""

@@ -137,22 +137,20 @@ class GPT(ClassConditionalTransformer):
     # -- KV-cached decoding (gpt-fast style); the sampler runs it through `ctfgen.backends.decoding` -------------
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
-                     device=None, position_major: bool = False) -> None:
+                     device=None) -> None:
         """Preallocate a static KV cache per layer and the causal mask. max_seq_len counts the class
         token (default 1 + block_size, rounded up to a multiple of 8); dtype/device default to the
-        weights'; position_major: the caches' memory layout (`KVCache`). Call again to resize; batches
-        up to max_batch_size can then be decoded."""
+        weights'. Call again to resize; batches up to max_batch_size can then be decoded."""
         weight = self.tok_embeddings.weight
         dtype, device = dtype or weight.dtype, torch.device(device or weight.device)
         max_seq_len = find_multiple(max_seq_len or CLS_TOKEN_NUM + self.config.block_size, 8)
         cache = self.layers[0].attention.kv_cache
         if cache is not None and cache.k_cache.shape[0] == max_batch_size and cache.k_cache.shape[2] == max_seq_len \
-                and cache.k_cache.dtype == dtype and cache.k_cache.device == device \
-                and cache.position_major == position_major:
+                and cache.k_cache.dtype == dtype and cache.k_cache.device == device:
             return  # the same caches serve every batch of this shape (a captured CUDA graph keeps their addresses)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_head,
-                                               self.config.head_dim, dtype, device, position_major)
+                                               self.config.head_dim, dtype, device)
         self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
     def clear_caches(self) -> None:

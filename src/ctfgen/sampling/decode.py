@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ctfgen.backends.decoding import decode_backend, setup_caches
+from ctfgen.backends.decoding import decode_backend
 from ctfgen.models.gpt import GPT
 from ctfgen.sampling.params import SamplingParams
 from ctfgen.sampling.request import check_seed, checked_seeds
@@ -125,7 +125,7 @@ def generate(model: GPT, labels: torch.Tensor, params: SamplingParams = Sampling
     uniforms = fresh_uniforms((b, n_tokens), labels.device) if uniforms is None else uniforms.to(labels.device)
     use_cfg = params.guided
     rows = 2 * b if use_cfg else b
-    setup_caches(model, rows, device=labels.device)
+    model.setup_caches(max_batch_size=rows, device=labels.device)
     decoder = decode_backend(model)
     tokens = torch.empty(b, n_tokens, dtype=torch.long, device=labels.device)
 
