@@ -46,11 +46,10 @@ def attention_figures(model, rows: int, dtype: torch.dtype, cold_bytes: int, rep
     caches = [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
               for _ in range(max(2, -(-cold_bytes // cache_bytes)))]
     q = torch.randn(rows, config.n_head, 1, config.head_dim).to(dtype)
-    mask = torch.ones(1, 1, 1, kv_len, dtype=torch.bool)
 
     @torch.compile(fullgraph=True)
-    def call(keys, values):  # as `cpu_decode.block_step` attends: the filled part of the cache, sliced in the graph
-        return attention_few_queries(q, keys[:, :, :kv_len], values[:, :, :kv_len], mask)
+    def call(keys, values):  # as `cpu_decode.block_step` attends: the filled part of the cache, sliced in the graph,
+        return attention_few_queries(q, keys[:, :, :kv_len], values[:, :, :kv_len], None)  # no mask for one query
 
     in_turn = itertools.cycle(caches[1:] + caches[:1])
 
