@@ -233,6 +233,8 @@ BAD_SAMPLES = {
     "labels of the wrong length": (dict(arr_0=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(3, np.int64)),
                                    "labels must be"),
     "wrong image size": (dict(arr_0=np.zeros((4, 28, 28, 3), np.uint8)), "takes 32x32x3 images"),
+    "fewer class names than classes": (dict(arr_0=np.zeros((4, 32, 32, 3), np.uint8), labels=np.arange(4),
+                                            class_names=np.array(["a", "b"])), "class_names must be"),
 }
 
 
@@ -298,6 +300,31 @@ def test_eval_scores_and_caches_the_reference(tiny_classifier, fake_fmnist, fake
     # --no-cache recomputes and stores nothing new
     run_eval(capsys, *args, "--no-cache")
     assert calls == [64, 64, 64] and len(list((cache / "eval-stats").glob("*.npz"))) == 2
+
+
+def test_samples_naming_their_classes_are_matched_to_the_classifiers(tiny_classifier, fake_fmnist, fake_samples,
+                                                                    cache, tmp_path, capsys):
+    """A pipeline fitted on a folder numbers its classes in the folder names' order: `ctfgen eval` maps them to the
+    classifier's by name (the same accuracy and per-class rows as with the classifier's own ids), and where the
+    names are not the classifier's, it gives no accuracy and says why; FID needs no classes."""
+    from ctfgen.data.datasets import FMNIST_CLASSES
+
+    args = ["--classifier", str(tiny_classifier), "--data-dir", str(fake_fmnist)]
+    own = run_eval(capsys, "--samples", str(fake_samples), *args)
+    with np.load(fake_samples) as f:
+        images, labels = f["arr_0"], f["labels"]
+    folder_names = sorted(name.replace("/", "_") for name in FMNIST_CLASSES)  # "T-shirt_top", as a folder has it
+    folder_ids = np.array([folder_names.index(name.replace("/", "_")) for name in FMNIST_CLASSES])[labels]
+    named = write_npz(tmp_path / "named.npz", arr_0=images, labels=folder_ids, class_names=np.array(folder_names))
+    matched = run_eval(capsys, "--samples", str(named), *args)
+    assert matched["accuracy"] == pytest.approx(own["accuracy"]) and matched["per_class"] == own["per_class"]
+    unnumbered = write_npz(tmp_path / "unnumbered.npz", arr_0=images, labels=folder_ids)  # ids taken as they are
+    assert run_eval(capsys, "--samples", str(unnumbered), *args)["per_class"] != own["per_class"]
+    shapes = write_npz(tmp_path / "shapes.npz", arr_0=images, labels=labels,
+                       class_names=np.array([f"shape {c}" for c in range(10)]))
+    other = run_eval(capsys, "--samples", str(shapes), *args)
+    assert "accuracy" not in other and "per_class" not in other and other["fid"] == pytest.approx(own["fid"])
+    assert any("not the fmnist classifier's" in note for note in other["notes"])
 
 
 def test_per_class_breakdown_with_labels(tiny_classifier, fake_fmnist, fake_samples, cache, tmp_path, capsys):

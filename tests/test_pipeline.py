@@ -267,13 +267,14 @@ def test_demo_and_sample_draw_the_same_images_for_a_seed(pipe_dir, tmp_path):
     assert np.array_equal(grid_images(tmp_path / "demo.png", 10, 2), samples)
 
 
-def test_sample_command_outputs(pipe_dir, tmp_path):
+def test_sample_command_outputs(pipe, pipe_dir, tmp_path):
     assert cli.main(["sample", "--pipeline", str(pipe_dir), "--per-class", "2", "--batch", "8",
                      "--npz", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "grid.png"),
                      "--preview-grid", str(tmp_path / "preview.png"), "--stage2-temperature", "0.5"]) == 0
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
         assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+        assert f["class_names"].tolist() == pipe.class_names  # for `ctfgen eval` to match them to its classifier's
         assert np.array_equal(grid_images(tmp_path / "grid.png", 10, 2), f["arr_0"])
     with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "preview.png") as pairs:
         assert pairs.height == grid.height and pairs.width > 1.9 * grid.width  # (preview | final) pairs

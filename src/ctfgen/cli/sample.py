@@ -160,10 +160,10 @@ def cmd_sample(args) -> None:
         out = sample_sharded(pipe, request, runtime, batch_size=args.batch, preview=bool(args.preview_grid),
                              progress=True)
     if runtime.is_main:
-        _write_samples(args, out, ncol=per_class if per_class > 1 else min(len(out.labels), 16))  # a row per class
+        _write_samples(args, out, pipe.class_names, ncol=per_class if per_class > 1 else min(len(out.labels), 16))
 
 
-def _write_samples(args, out, ncol: int) -> None:
+def _write_samples(args, out, class_names: list[str], ncol: int) -> None:
     """The outputs `ctfgen sample` was asked for, from the whole request's output ("pt")."""
     import numpy as np
     import torch
@@ -173,8 +173,8 @@ def _write_samples(args, out, ncol: int) -> None:
     pixels, labels = out.images, out.labels.tolist()
     if args.npz:
         arr = pixels.permute(0, 2, 3, 1).numpy()
-        save_npz(args.npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
-        print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels")
+        save_npz(args.npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64), class_names=np.asarray(class_names))
+        print(f"wrote {args.npz}: arr_0 {arr.shape} uint8, labels, class_names")
     if args.grid:
         print(f"wrote {save_png(make_grid(pixels, ncol=ncol), args.grid)}")
     if args.preview_grid:
@@ -203,6 +203,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_reroll(args) -> None:
+    import numpy as np
     import torch
 
     from ctfgen.data.images import make_grid, save_npz, save_png, save_png_dir
@@ -225,9 +226,9 @@ def cmd_reroll(args) -> None:
         print(f"wrote {save_png(grid, args.grid)}: a row per image (the image | its coarse labels | variations)")
     if args.npz:
         arrays = dict(arr_0=out.images.permute(0, 2, 3, 1).numpy(), labels=out.labels.numpy(),
-                      tokens=out.tokens.numpy(), coarse=out.coarse.numpy())
+                      class_names=np.asarray(pipe.class_names), tokens=out.tokens.numpy(), coarse=out.coarse.numpy())
         save_npz(args.npz, **arrays)
-        print(f"wrote {args.npz}: arr_0 {arrays['arr_0'].shape} uint8, labels, tokens, coarse")
+        print(f"wrote {args.npz}: arr_0 {arrays['arr_0'].shape} uint8, labels, class_names, tokens, coarse")
     if args.out:
         save_png_dir(((f"{j // args.n:04d}_variation{j % args.n}.png", make_grid(image[None], ncol=1, pad=0))
                       for j, image in enumerate(out.images)), args.out)

@@ -6,6 +6,7 @@ against the test split, the best any generator can reach with the same metrics.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,26 @@ def _class_names(network: FeatureNetwork) -> list[str] | None:
 
         return list(FMNIST_CLASSES)
     return None
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())  # "T-shirt/top" and a folder's "T-shirt_top" alike
+
+
+def network_labels(labels: np.ndarray | None, class_names: list[str] | None,
+                   network: FeatureNetwork) -> tuple[np.ndarray | None, str | None]:
+    """The samples' class ids as the network's classes, and a note where they cannot be: a pipeline's class ids
+    are its own (a folder's classes in sorted order), so where the samples name their classes, they are matched to
+    the classifier's by name (case and punctuation aside). Without names the ids are taken as they are."""
+    network_names = _class_names(network)
+    if labels is None or class_names is None or network_names is None:
+        return labels, None
+    ids = {_name_key(name): i for i, name in enumerate(network_names)}
+    mapped = [ids.get(_name_key(name)) for name in class_names]
+    if None in mapped:
+        return None, (f"no accuracy or per-class scores: the samples' classes ({', '.join(class_names[:4])}"
+                      f"{', ...' if len(class_names) > 4 else ''}) are not the {network.name} classifier's")
+    return np.asarray(mapped, dtype=np.int64)[labels], None
 
 
 def per_class_breakdown(features: Features, labels: np.ndarray, ref: ReferenceStats, network: FeatureNetwork,
@@ -109,10 +130,13 @@ def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, c
     """Score the sample file `samples` (ADM layout) against reference `ref`."""
     tic = time.perf_counter()
     batch = read_image_npz(samples, what="samples")
-    network.check_labels(batch.labels, f"samples file {samples}")
+    labels, note = network_labels(batch.labels, batch.class_names, network)
+    network.check_labels(labels, f"samples file {samples}")
     result = {"samples": str(Path(samples))}
-    result |= evaluate_images(batch.images, batch.labels, ref, network, data_dir=data_dir, cache=cache,
+    result |= evaluate_images(batch.images, labels, ref, network, data_dir=data_dir, cache=cache,
                               use_cache=use_cache, options=options)
+    if note:
+        result["notes"] = [*result.get("notes", []), note]
     result["seconds"] = round(time.perf_counter() - tic, 2)
     return result
 
@@ -140,7 +164,11 @@ def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str
     stage2_sampling, restrict)."""
     out = pipe(range(pipe.num_classes), per_class=per_class, batch_size=batch_size, seed=seed, output_type="np",
                progress=True, **request)
-    return evaluate_images(out.images, out.labels, ref, network, options=options)
+    labels, note = network_labels(out.labels, pipe.class_names, network)
+    result = evaluate_images(out.images, labels, ref, network, options=options)
+    if note:
+        result["notes"] = [*result.get("notes", []), note]
+    return result
 
 
 def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmnist-test", data_dir=None, cache=None,

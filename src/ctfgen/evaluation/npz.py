@@ -1,5 +1,6 @@
-"""Reading ADM-layout `.npz` files: `arr_0` uint8 images [N, H, W, 3], optional `labels` [N], and
-for reference batches optional precomputed statistics (`mu`, `sigma`, `mu_s`, `sigma_s`).
+"""Reading ADM-layout `.npz` files: `arr_0` uint8 images [N, H, W, 3], optional `labels` [N] with the names of their
+classes (`class_names`, as `ctfgen sample --npz` writes them), and for reference batches optional precomputed
+statistics (`mu`, `sigma`, `mu_s`, `sigma_s`).
 
 Anything else is refused with one line that says what is wrong; nothing is unpickled.
 """
@@ -25,6 +26,7 @@ class ImageBatch:
     images: np.ndarray | None  # uint8 [N, H, W, 3]; None for a statistics-only reference
     labels: np.ndarray | None  # int64 [N]
     stats: dict[str, np.ndarray]  # precomputed ADM statistics, if any
+    class_names: list[str] | None = None  # class id -> name, where the file says
 
 
 def _read(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -101,7 +103,14 @@ def read_image_npz(path, what: str = "samples", allow_stats_only: bool = False) 
         if len(labels) and labels.min() < 0:
             raise CtfgenError(f"{what} file {path}: labels must be class ids >= 0, found {labels.min()}")
         labels = labels.astype(np.int64)
-    return ImageBatch(images, labels, _check_stats(stats, path))
+    class_names = arrays.get("class_names")
+    if class_names is not None:
+        if labels is None or class_names.ndim != 1 or class_names.dtype.kind != "U" or \
+                (len(labels) and labels.max() >= len(class_names)):
+            raise CtfgenError(f"{what} file {path}: class_names must be strings [C], one for each class id of its "
+                              f"labels, got {class_names.dtype} {list(class_names.shape)}")
+        class_names = class_names.tolist()
+    return ImageBatch(images, labels, _check_stats(stats, path), class_names)
 
 
 def _check_stats(stats: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
