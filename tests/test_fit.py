@@ -325,6 +325,7 @@ def test_fit_on_fashion_mnist_scores_fid_with_the_shipped_classifier(fake_fmnist
         scores = report["fid"][mode]
         assert scores["features"] == "fmnist" and scores["n_samples"] == 80 and scores["n_ref"] == 64
         assert np.isfinite(scores["fid"]) and scores["fid"] > 0
+        assert 0 <= scores["accuracy"] <= 1  # the data's class ids matched to the classifier's
     assert "| ctf | fmnist | 80 | 64 |" in (tmp_path / "run" / "report.md").read_text()
 
 

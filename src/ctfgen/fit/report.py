@@ -119,7 +119,7 @@ def feature_network(ctx, notes: list):
 def fid_scores(ctx, pipe, modes: list[str], held_out, notes: list) -> dict:
     """FID, Inception-style score and precision/recall of `eval_per_class` samples of each class, per mode, against
     the held-out images; {} without a feature network."""
-    from ctfgen.evaluation.evaluate import EvalOptions, score
+    from ctfgen.evaluation.evaluate import EvalOptions, network_labels, score
     from ctfgen.evaluation.features import extract_features
     from ctfgen.evaluation.metrics import gaussian_stats
     from ctfgen.evaluation.reference import ReferenceStats
@@ -128,8 +128,10 @@ def fid_scores(ctx, pipe, modes: list[str], held_out, notes: list) -> dict:
     if network is None:
         return {}
     images, labels = held_out_uint8(held_out)
-    # Class ids are the classifier's own only for Fashion-MNIST itself; a folder's sorted names need not match them.
-    labels = labels if ctx.data.source == "fmnist" else None
+    # A folder's class ids follow its sorted names: matched to the classifier's by name, or none where they differ.
+    labels, note = network_labels(labels, pipe.class_names, network)
+    if note:
+        notes.append(note)
     features = extract_features(network, images, desc="held-out features")
     reference = ReferenceStats("held-out", len(images), *gaussian_stats(features.pool), pool=features.pool,
                                labels=labels)
@@ -141,8 +143,8 @@ def fid_scores(ctx, pipe, modes: list[str], held_out, notes: list) -> dict:
                    output_type="np", batch_size=SAMPLE_BATCH, progress=ctx.progress)
         try:
             scores = score(extract_features(network, out.images, desc=f"{mode} features"),
-                           None if labels is None else out.labels, reference, network,
-                           EvalOptions(seed=ctx.config.seed))
+                           None if labels is None else network_labels(out.labels, pipe.class_names, network)[0],
+                           reference, network, EvalOptions(seed=ctx.config.seed))
         except CtfgenError as e:  # too few images for a covariance or for k neighbours
             notes.append(f"no FID for {mode}: {e}")
             results[mode] = None
