@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from ctfgen import cli
 from ctfgen.checkpoint import load_weights
+from ctfgen.data.datasets import crop_original
 from ctfgen.errors import CtfgenError
 from ctfgen.fit.data import scan_folder, write_layout
 from ctfgen.fit.presets import resolve
@@ -249,6 +250,12 @@ def test_fmnist_exported_as_a_folder_reads_back_as_the_bundled_images(fake_fmnis
 
     first = np.asarray(Image.open(tmp_path / "png" / "train" / "Trouser" / "00001.png"))
     assert np.array_equal(first, FashionMNIST("train", fake_fmnist).pixels[1].numpy())  # image 1 is class 1
+    # laid out padded to 32 px as the bundled set is; measured (PSNR) on the original 28x28 as the bundled set is
+    write_layout(data, files)
+    held_out, bundled = data.dataset("val", 32), FashionMNIST("test", fake_fmnist)
+    assert crop_original(held_out[0][0], held_out).shape[-2:] == (28, 28)
+    assert sorted(crop_original(held_out[i][0], held_out).sum().item() for i in range(64)) == pytest.approx(
+        sorted(crop_original(bundled[i][0], bundled).sum().item() for i in range(64)))
     again = subprocess.run(script, capture_output=True, text=True)
     assert again.returncode == 2 and "was not written by ctfgen" in again.stderr
     assert len(list((tmp_path / "png" / "train").rglob("*.png"))) == 256  # the first export untouched
@@ -301,6 +308,11 @@ def test_sigkill_during_training_then_rerun_gives_the_uninterrupted_weights(shap
     status, stdout, stderr = run_fit(*args, "--out", out)
     assert status == 0, stderr
     assert step_lines(stdout, "resuming") == ["stage1"] and "tokenizer" in step_lines(stdout, "skipped")
+    report = json.loads((out / "report.json").read_text())  # their times are those of the last, resumed, parts
+    assert report["resumed"] == ["stage1", "tokenizer"]
+    steps_table = (out / "report.md").read_text().split("## Steps")[1].split("##")[0]
+    assert [line.endswith("(its last part: resumed) |") for line in steps_table.splitlines() if line[2:8] in (
+        "tokeni", "stage1", "stage2")] == [True, True, False]
 
     status, _, stderr = run_fit(*args, "--out", tmp_path / "straight")
     assert status == 0, stderr

@@ -95,6 +95,7 @@ class FashionMNIST(Dataset):
 
     image_size = 32
     classes = FMNIST_CLASSES
+    original_pad = FMNIST_PAD  # the black border around each original image (`crop_original`)
 
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, flip: bool = False):
         if split not in FMNIST_FILES:
@@ -228,7 +229,7 @@ def load_dataset(data: str, split: str, *, data_dir=None, image_size: int = 256,
 
 
 def crop_original(images: torch.Tensor, dataset: Dataset) -> torch.Tensor:
-    """The region of the original image: Fashion-MNIST's 28x28 centre, or the whole image."""
-    if isinstance(dataset, FashionMNIST):
-        return images[..., FMNIST_PAD:-FMNIST_PAD, FMNIST_PAD:-FMNIST_PAD]
-    return images
+    """The region of the original image: inside the black border a dataset says it padded its images with
+    (`original_pad`: Fashion-MNIST's 28x28 centre), or the whole image."""
+    pad = getattr(dataset, "original_pad", 0)
+    return images[..., pad:-pad, pad:-pad] if pad else images

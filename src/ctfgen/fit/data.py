@@ -48,7 +48,10 @@ class FitData:
 
     def dataset(self, split: str, image_size: int, flip: bool = False):
         name = self.train_split if split == "train" else self.val_split
-        return load_dataset(self.source, name, image_size=image_size, flip=flip)
+        dataset = load_dataset(self.source, name, image_size=image_size, flip=flip)
+        if self.fmnist_like and self.source != "fmnist" and image_size == 32:
+            dataset.original_pad = FMNIST_PAD  # laid out padded as the bundled set is (`write_layout`)
+        return dataset
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,8 @@ def report_markdown(report: dict) -> str:
         if len(data["skipped"]) > MAX_LISTED:
             lines.append(f"- ... and {len(data['skipped']) - MAX_LISTED} more (report.json lists them all)")
     lines += ["", "## Steps", "", "| step | time (s) |", "| --- | --- |"]
-    lines += [f"| {name} | {_number(seconds, 1)} |" for name, seconds in report["seconds"].items()]
+    lines += [f"| {name} | {_number(seconds, 1)}{' (its last part: resumed)' if name in report['resumed'] else ''} |"
+              for name, seconds in report["seconds"].items()]
     lines += ["", "## Tokenizer", "",
               f"PSNR **{tokenizer['psnr']:.2f} dB** on the {tokenizer['n_images']} held-out images (std "
               f"{tokenizer['psnr_std']:.2f}); codebook usage **{tokenizer['codebook_usage']:.1%}** "

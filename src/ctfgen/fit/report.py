@@ -36,7 +36,7 @@ def evaluate_and_report(ctx) -> dict:
     modes = ["ctf"] + (["baseline"] if pipe.baseline is not None else [])
     held_out = ctx.data.dataset("val", c.image_size)
     report = {"command": ctx.command, "preset": ctx.preset, "data": ctx.data.to_dict(), "config": asdict(c),
-              "notes": [], "seconds": dict(ctx.seconds)}
+              "notes": [], "seconds": dict(ctx.seconds), "resumed": sorted(ctx.resumed)}
     report["tokenizer"] = evaluate_tokenizer(pipe.tokenizer, held_out, progress=ctx.progress)
     report["training"] = {stage: loss_curve(ctx.out / "runs" / stage / "metrics.jsonl", c.steps)
                           for stage in ("stage1", "stage2", "baseline") if stage != "baseline" or c.baseline}

@@ -80,6 +80,8 @@ def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) 
             if runtime.is_main:
                 record = state.step(step.name)
                 ctx.results[step.name], ctx.seconds[step.name] = record.get("result", {}), record.get("seconds")
+                if record.get("resumed"):
+                    ctx.resumed.add(step.name)
                 say(f"{label}: done before with the same inputs, skipped")
             continue
         if runtime.is_main:
@@ -96,7 +98,9 @@ def run_steps(steps: list[Step], numbers: range, ctx: Context, state: FitState) 
         if runtime.is_main:
             seconds = time.perf_counter() - started
             ctx.results[step.name], ctx.seconds[step.name] = result, round(seconds, 2)
-            state.done(step.name, step.fingerprint, step.inputs, seconds, result)
+            if action == "resume":  # the time of the interrupted part is not known
+                ctx.resumed.add(step.name)
+            state.done(step.name, step.fingerprint, step.inputs, seconds, result, resumed=action == "resume")
             say(f"{label}: done in {format_duration(seconds)}")
 
 

@@ -77,10 +77,11 @@ class FitState:
         self.record["steps"][name] = {"fingerprint": fp, "inputs": inputs, "state": "started"}
         self.save()
 
-    def done(self, name: str, fp: str, inputs: dict, seconds: float, result: dict) -> None:
+    def done(self, name: str, fp: str, inputs: dict, seconds: float, result: dict, resumed: bool = False) -> None:
+        """A finished step; `seconds`: this run's time, only the last part of a `resumed` one."""
         self.record["steps"][name] = {"fingerprint": fp, "inputs": inputs, "state": "done",
                                       "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                      "result": result}
+                                      "result": result} | ({"resumed": True} if resumed else {})
         self.save()
 
     def save(self) -> None:

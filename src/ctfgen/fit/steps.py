@@ -47,6 +47,7 @@ class Context:
     layout: dict | None = None  # the images to lay out, when the data step has to run
     results: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)  # each finished step's time, this run's or an earlier one's
+    resumed: set = field(default_factory=set)  # the steps whose time is that of their last, resumed, part
 
     @property
     def tokenizer_dir(self) -> Path:
