@@ -52,7 +52,7 @@ def test_two_processes_sample_what_one_samples(pipe_dir, tmp_path):
         (tmp_path / name).mkdir()
         run(*args, "--npz", str(tmp_path / name / "s.npz"), "--preview-grid", str(tmp_path / name / "p.png"))
     one, two = np.load(tmp_path / "one/s.npz"), np.load(tmp_path / "two/s.npz")
-    assert one.files == two.files == ["arr_0", "labels", "software"]  # software: ctfgen's tag
+    assert one.files == two.files == ["arr_0", "labels", "class_names", "software"]  # software: ctfgen's tag
     for key in one.files:
         assert one[key].dtype == two[key].dtype and one[key].shape == two[key].shape
         assert one[key].tobytes() == two[key].tobytes()
