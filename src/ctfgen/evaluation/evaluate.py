@@ -130,30 +130,30 @@ def evaluate_npz(samples, ref: str, network: FeatureNetwork, *, data_dir=None, c
     """Score the sample file `samples` (ADM layout) against reference `ref`."""
     tic = time.perf_counter()
     batch = read_image_npz(samples, what="samples")
-    labels, note = network_labels(batch.labels, batch.class_names, network)
-    network.check_labels(labels, f"samples file {samples}")
     result = {"samples": str(Path(samples))}
-    result |= evaluate_images(batch.images, labels, ref, network, data_dir=data_dir, cache=cache,
-                              use_cache=use_cache, options=options)
-    if note:
-        result["notes"] = [*result.get("notes", []), note]
+    result |= evaluate_images(batch.images, batch.labels, ref, network, class_names=batch.class_names,
+                              data_dir=data_dir, cache=cache, use_cache=use_cache, options=options,
+                              where=f"samples file {samples}")
     result["seconds"] = round(time.perf_counter() - tic, 2)
     return result
 
 
 def evaluate_images(images: np.ndarray, labels: np.ndarray | None, ref: str, network: FeatureNetwork, *,
-                    data_dir=None, cache=None, use_cache=True, options: EvalOptions | None = None,
-                    what: str = "samples") -> dict:
-    """Score uint8 images [N, H, W, 3] (with the class ids they were asked for, or None) against `ref`."""
+                    class_names: list[str] | None = None, data_dir=None, cache=None, use_cache=True,
+                    options: EvalOptions | None = None, what: str = "samples", where: str | None = None) -> dict:
+    """Score uint8 images [N, H, W, 3] (with the class ids they were asked for, or None, and those classes' names
+    where known: `network_labels`) against `ref`. `where` names the images in a refusal of their labels."""
     options = options or EvalOptions()
     network.check_images(images.shape, what)
+    labels, note = network_labels(labels, class_names, network)
+    network.check_labels(labels, where or what)
     reference = load_reference(ref, network, data_dir=data_dir, cache=cache, use_cache=use_cache,
                                batch_size=options.batch_size)
     features = extract_features(network, images, batch_size=options.batch_size, desc=what)
     result = {"n_samples": len(images), **_header(network, reference)}
     result |= score(features, labels, reference, network, options)
-    if reference.notes:
-        result["notes"] = reference.notes
+    if notes := reference.notes + ([note] if note else []):
+        result["notes"] = notes
     return result
 
 
@@ -164,11 +164,7 @@ def evaluate_pipeline(pipe, network: FeatureNetwork, per_class: int, *, ref: str
     stage2_sampling, restrict)."""
     out = pipe(range(pipe.num_classes), per_class=per_class, batch_size=batch_size, seed=seed, output_type="np",
                progress=True, **request)
-    labels, note = network_labels(out.labels, pipe.class_names, network)
-    result = evaluate_images(out.images, labels, ref, network, options=options)
-    if note:
-        result["notes"] = [*result.get("notes", []), note]
-    return result
+    return evaluate_images(out.images, out.labels, ref, network, class_names=pipe.class_names, options=options)
 
 
 def evaluate_floor(network: FeatureNetwork, *, n: int = 10_000, ref: str = "fmnist-test", data_dir=None, cache=None,
