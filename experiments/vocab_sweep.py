@@ -8,9 +8,11 @@ Reads what experiments/vocab_sweep.sh leaves in --results for each vocabulary si
     tokenizer_vV.json       `ctfgen tokenizer eval --json`: PSNR and codebook usage on the test split
     reconstruction_vV.json  `ctfgen eval --reconstruction --json`: the reconstructions' FID (rFID)
     coarse_nll_vV_kK.json   experiments/coarse_nll.py: next-coarse-label NLL of stage 1 and of the baseline
-and writes one JSON: a row per (V, model, K) with each metric per draw and its mean, the tokenizers, and the verdict
-(for each V the best CTF's mean FID over the baseline's; whether that ratio falls as V grows, and whether it goes
-below 1). A V whose table is not there yet is left out and named under "missing".
+and writes one JSON: a row per (V, training, model, K) with each metric per draw and its mean, the tokenizers, and
+the verdict (for each V the best CTF's mean FID over the baseline's; whether that ratio falls as V grows, and whether
+it goes below 1). A V whose table is not there yet is left out and named under "missing". Files named `..._vV_tN...`
+are a further training N of V's recipe (training 1 has no suffix): their rows carry "training": N, the verdict is
+taken on training 1, and "training_noise" sets each V's trainings side by side.
 """
 
 from __future__ import annotations
@@ -32,18 +34,23 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def model_rows(vocab: int, table: dict, results: Path) -> list[dict]:
+def suffix(training: int) -> str:
+    return "" if training == 1 else f"_t{training}"
+
+
+def model_rows(vocab: int, training: int, table: dict, results: Path) -> list[dict]:
     rows = []
     for name, entry in table["rows"].items():
         k = entry.get("k") if entry["mode"] == "ctf" else None
-        row = {"vocab_size": vocab, "k": k, "model": entry["mode"], "name": name, "pipeline": entry["pipeline"]}
+        row = {"vocab_size": vocab, "training": training, "k": k, "model": entry["mode"], "name": name,
+               "pipeline": entry["pipeline"]}
         for metric in METRICS:
             values = [draw[metric] for draw in entry["draws"]]
             row[metric] = values
             row[f"{metric}_mean"] = statistics.mean(values)
         if k is not None:
             row["fid_over_baseline"] = entry["fid_over_baseline"]
-            nll = read(results / f"coarse_nll_v{vocab}_k{k}.json")
+            nll = read(results / f"coarse_nll_v{vocab}{suffix(training)}_k{k}.json")
             if nll:
                 row["stage1_coarse_nll"] = nll["stage1_coarse_nll"]
                 row["baseline_coarse_nll"] = nll["baseline_coarse_nll"]
@@ -51,15 +58,17 @@ def model_rows(vocab: int, table: dict, results: Path) -> list[dict]:
     return rows
 
 
-def tokenizer_row(vocab: int, results: Path) -> dict:
-    evaluated = read(results / f"tokenizer_v{vocab}.json") or {}
-    reconstruction = read(results / f"reconstruction_v{vocab}.json") or {}
-    return {"vocab_size": vocab, "psnr": evaluated.get("psnr"), "codebook_usage": evaluated.get("codebook_usage"),
+def tokenizer_row(vocab: int, training: int, results: Path) -> dict:
+    evaluated = read(results / f"tokenizer_v{vocab}{suffix(training)}.json") or {}
+    reconstruction = read(results / f"reconstruction_v{vocab}{suffix(training)}.json") or {}
+    return {"vocab_size": vocab, "training": training, "psnr": evaluated.get("psnr"),
+            "codebook_usage": evaluated.get("codebook_usage"),
             "codes_used": evaluated.get("codes_used"), "rfid": reconstruction.get("fid")}
 
 
 def verdict(rows: list[dict]) -> dict:
-    """Per V, the best CTF's mean FID over the baseline's; does it fall with V, and does it go below 1?"""
+    """Per V, the best CTF's mean FID over the baseline's (training 1); does it fall with V, and go below 1?"""
+    rows = [r for r in rows if r["training"] == 1]
     gap = {}
     for vocab in sorted({r["vocab_size"] for r in rows}):
         ctf = [r["fid_over_baseline"] for r in rows if r["vocab_size"] == vocab and r["model"] == "ctf"]
@@ -69,6 +78,20 @@ def verdict(rows: list[dict]) -> dict:
     return {"best_ctf_fid_over_baseline": gap,
             "gap_shrinks_with_vocab": len(ratios) > 1 and all(b < a for a, b in zip(ratios, ratios[1:])),
             "ctf_beats_baseline_at": [int(v) for v, ratio in gap.items() if ratio < 1]}
+
+
+def training_noise(rows: list[dict]) -> dict:
+    """For each model trained more than once (same V, same K): its mean FID per training, and for CTF its ratio to
+    the baseline of the same training."""
+    again = {(r["vocab_size"], r["name"]) for r in rows if r["training"] > 1}
+    noise = {}
+    for r in sorted(rows, key=lambda r: r["training"]):
+        if (r["vocab_size"], r["name"]) in again:
+            entry = noise.setdefault(str(r["vocab_size"]), {}).setdefault(r["name"], {"fid_mean": []})
+            entry["fid_mean"].append(r["fid_mean"])
+            if r["model"] == "ctf":
+                entry.setdefault("fid_over_baseline", []).append(r["fid_over_baseline"])
+    return noise
 
 
 def plot(result: dict, out: str) -> None:
@@ -82,12 +105,19 @@ def plot(result: dict, out: str) -> None:
              "CTF, K = V/32": lambda r: r["model"] == "ctf" and r["k"] * 32 == r["vocab_size"],
              "CTF, K = V/8": lambda r: r["model"] == "ctf" and r["k"] * 8 == r["vocab_size"]}
     for (label, keep), marker in zip(lines.items(), "osD"):
-        mine = sorted((r for r in result["rows"] if keep(r)), key=lambda r: r["vocab_size"])
+        mine = sorted((r for r in result["rows"] if keep(r) and r["training"] == 1), key=lambda r: r["vocab_size"])
         if mine:
             means = [r["fid_mean"] for r in mine]
             spread = [statistics.stdev(r["fid"]) if len(r["fid"]) > 1 else 0 for r in mine]
-            ax.errorbar([r["vocab_size"] for r in mine], means, yerr=spread, marker=marker, capsize=3, label=label)
+            line = ax.errorbar([r["vocab_size"] for r in mine], means, yerr=spread, marker=marker, capsize=3,
+                               label=label)
+            again = [r for r in result["rows"] if keep(r) and r["training"] > 1]
+            if again:  # a further training of the same recipe: how far a point moves when trained again
+                ax.scatter([r["vocab_size"] * 1.08 for r in again], [r["fid_mean"] for r in again], marker=marker,
+                           facecolors="none", edgecolors=line[0].get_color(), label=f"{label}, trained again")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(VOCABS[0] / 1.5, VOCABS[-1] * 1.5)  # the whole sweep, measured or not yet
+    ax.set_xticks(VOCABS, [f"{v:,}" for v in VOCABS])
     ax.set_xlabel("codebook size V")
     ax.set_ylabel("FID (10,000 samples; mean of draws)")
     ax.set_title("Fashion-MNIST: FID against the vocabulary", fontsize=9)
@@ -104,12 +134,15 @@ def main() -> None:
     parser.add_argument("--plot", help="PNG of FID against V (needs matplotlib)")
     args = parser.parse_args()
     results = Path(args.results)
-    tables = {int(re.fullmatch(r"table1_v(\d+)\.json", p.name).group(1)): json.loads(p.read_text())
-              for p in sorted(results.glob("table1_v*.json"))}
-    rows = [row for vocab in sorted(tables) for row in model_rows(vocab, tables[vocab], results)]
+    tables = {}
+    for path in results.glob("table1_v*.json"):
+        vocab, training = re.fullmatch(r"table1_v(\d+)(?:_t(\d+))?\.json", path.name).groups()
+        tables[int(vocab), int(training or 1)] = json.loads(path.read_text())
+    rows = [row for key in sorted(tables) for row in model_rows(*key, tables[key], results)]
     result = {"command": "python " + " ".join(sys.argv), "rows": rows,
-              "tokenizers": [tokenizer_row(v, results) for v in sorted(tables)],
-              "missing": [v for v in VOCABS if v not in tables], "verdict": verdict(rows)}
+              "tokenizers": [tokenizer_row(*key, results) for key in sorted(tables)],
+              "missing": [v for v in VOCABS if (v, 1) not in tables], "verdict": verdict(rows),
+              "training_noise": training_noise(rows)}
     write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     if args.plot:
         plot(result, args.plot)

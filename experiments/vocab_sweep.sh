@@ -3,12 +3,15 @@
 # (VQ-fmnist's recipe: 3,600 fp32 steps), CTF with K = V/32 (the paper's ratio) and K = V/8, and the baseline, each
 # trained to convergence on the shipped schedule (`ctfgen fit --preset small`); then three draws of 10,000 samples
 # per model, the tokenizer's PSNR, usage and rFID, and the coarse-label NLL; finally docs/vocab_sweep.json and its plot.
-# V = 4096 with K = 128 is the shipped pipeline (the same recipe), so V = 4096 needs only its K = 512 pair.
+# V = 4096 with K = 128 is the shipped pipeline (the same recipe), so V = 4096 needs only its K = 512 pair. V = 4096
+# has a second training of the same recipe too, issue 22's fit of Fashion-MNIST as a folder (docs/fit.md, in
+# runs/fit_fmnist_png): its baseline and K = 128 are measured the same way, as training 2 ("_t2"), when it is there.
 #
 # Every step resumes: `ctfgen fit` skips what is done and continues a training from its last checkpoint, and
 # table1.py reuses the draws already scored, so run this again after an interruption. VOCABS="1024" runs one V.
-# Compute on a 2-core AVX-512 CPU: per new V a tokenizer (~80 min), its codes (~15 min), three GPT-S and two
-# GPT-XS trainings (~2 h 10 min), nine draws (~45 min): about 4.5 h; V = 4096 about 1.5 h.
+# Compute on a 2-core AVX-512 CPU, one thread: per new V a tokenizer (~55 to ~90 min, more codewords slower), its
+# codes (~15 min), three GPT-S and two GPT-XS trainings (~5 h 15 min), nine draws (~45 min): about 7 h.
+# Edit this file by replacing it (write a copy, then mv): bash reads a running script as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CTFGEN=${CTFGEN:-.venv/bin/ctfgen}
@@ -16,6 +19,29 @@ PYTHON=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/sweep}
 DOCS=docs/results/vocab_sweep
 mkdir -p "$RUNS" "$DOCS"
+
+# into FILE COMMAND...: COMMAND's output as FILE, which is replaced only when COMMAND succeeds
+into() {
+  local file=$1; shift
+  "$@" > "$file.tmp" || { rm -f "$file.tmp"; return 1; }
+  mv "$file.tmp" "$file"
+}
+
+# measure NAME MAIN CODES K [K2 PIPELINE2]: three draws each of MAIN's baseline and CTF (K coarse labels) and of
+# PIPELINE2's CTF (K2), MAIN's tokenizer, and each CTF's coarse-label NLL; the files are named after NAME.
+measure() {
+  local name=$1 main=$2 codes=$3 k=$4 k2=${5:-} other=${6:-}
+  $PYTHON experiments/table1.py --pipeline "$main" ${other:+--ctf "ctf_k$k2=$other"} \
+    --runs "$RUNS/eval/$name" --out "$DOCS/table1_$name.json"
+  into "$DOCS/tokenizer_$name.json" $CTFGEN tokenizer eval --tokenizer "$main/tokenizer" --split test --json
+  into "$DOCS/reconstruction_$name.json" $CTFGEN eval --reconstruction "$main/tokenizer" --json
+  into "$DOCS/coarse_nll_${name}_k$k.json" $PYTHON experiments/coarse_nll.py --pipeline "$main" --codes "$codes" \
+    --n 2000
+  if [ -n "$other" ]; then
+    into "$DOCS/coarse_nll_${name}_k$k2.json" $PYTHON experiments/coarse_nll.py --pipeline "$other" \
+      --baseline "$main/baseline" --codes "$codes" --n 2000
+  fi
+}
 
 for V in ${VOCABS:-4096 1024 16384}; do
   K1=$((V / 32)) K2=$((V / 8))
@@ -28,12 +54,9 @@ for V in ${VOCABS:-4096 1024 16384}; do
   fi
   $CTFGEN fit --data fmnist --preset small --tokenizer "$MAIN/tokenizer" --k "$K2" --no-baseline \
     --out "$RUNS/v${V}_k$K2"
-  $PYTHON experiments/table1.py --pipeline "$MAIN" --ctf "ctf_k$K2=$RUNS/v${V}_k$K2/pipeline" \
-    --runs "$RUNS/eval/v$V" --out "$DOCS/table1_v$V.json"
-  $CTFGEN tokenizer eval --tokenizer "$MAIN/tokenizer" --split test --json > "$DOCS/tokenizer_v$V.json"
-  $CTFGEN eval --reconstruction "$MAIN/tokenizer" --json > "$DOCS/reconstruction_v$V.json"
-  $PYTHON experiments/coarse_nll.py --pipeline "$MAIN" --codes "$CODES" --n 2000 > "$DOCS/coarse_nll_v${V}_k$K1.json"
-  $PYTHON experiments/coarse_nll.py --pipeline "$RUNS/v${V}_k$K2/pipeline" --baseline "$MAIN/baseline" \
-    --codes "$CODES" --n 2000 > "$DOCS/coarse_nll_v${V}_k$K2.json"
+  measure "v$V" "$MAIN" "$CODES" "$K1" "$K2" "$RUNS/v${V}_k$K2/pipeline"
+  if [ "$V" = 4096 ] && [ -d runs/fit_fmnist_png/pipeline ]; then
+    measure v4096_t2 runs/fit_fmnist_png/pipeline runs/fit_fmnist_png/codes/val 128
+  fi
 done
 $PYTHON experiments/vocab_sweep.py --results "$DOCS" --out docs/vocab_sweep.json --plot docs/vocab_sweep.png

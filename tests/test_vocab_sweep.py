@@ -1,5 +1,6 @@
 """The vocabulary sweep's summary (experiments/vocab_sweep.py), on result files written here by hand: one row per
-model and V with every draw, the coarse NLL joined to its CTF row, and the verdict on the gap."""
+model and V with every draw, the coarse NLL joined to its CTF row, the verdict on the gap, and a second training of
+one V set beside the first without moving the verdict."""
 
 import json
 import subprocess
@@ -47,8 +48,8 @@ def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
     assert k32["fid"] == [45, 45, 48] and k32["fid_mean"] == 46
     assert (k32["stage1_coarse_nll"], k32["baseline_coarse_nll"]) == (1.5, 1.2)
     assert "stage1_coarse_nll" not in result["rows"][2]  # no file for K = 128
-    assert result["tokenizers"][0] == {"vocab_size": 1024, "psnr": 25.0, "codebook_usage": 0.5, "codes_used": 512,
-                                       "rfid": None}
+    assert result["tokenizers"][0] == {"vocab_size": 1024, "training": 1, "psnr": 25.0, "codebook_usage": 0.5,
+                                       "codes_used": 512, "rfid": None}
     assert result["missing"] == [4096]
     verdict = result["verdict"]
     assert verdict["best_ctf_fid_over_baseline"] == {"1024": 41 / 31, "16384": 38 / 40}  # the better K per V
@@ -62,3 +63,30 @@ def test_a_gap_that_grows_is_reported_as_such(tmp_path):
     (results / "table1_v4096.json").write_text(json.dumps(table([30, 30], {"ctf_k128": (128, [36, 36])})))
     verdict = run(results, tmp_path / "sweep.json")["verdict"]
     assert verdict["gap_shrinks_with_vocab"] is False and verdict["ctf_beats_baseline_at"] == []
+
+
+def test_a_second_training_is_its_own_row_and_not_the_verdict(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table1_v1024.json").write_text(json.dumps(table([30, 30], {"ctf_k32": (32, [33, 33])})))
+    (results / "table1_v4096.json").write_text(json.dumps(table([30, 30], {"ctf_k128": (128, [45, 45]),
+                                                                           "ctf_k512": (512, [44, 44])})))
+    (results / "table1_v4096_t2.json").write_text(json.dumps(table([35, 35], {"ctf_k128": (128, [28, 28])})))
+    (results / "coarse_nll_v4096_t2_k128.json").write_text(json.dumps({"stage1_coarse_nll": 2.0,
+                                                                       "baseline_coarse_nll": 1.9}))
+    (results / "tokenizer_v4096_t2.json").write_text(json.dumps({"psnr": 27.0}))
+    result = run(results, tmp_path / "sweep.json")
+
+    again = [r for r in result["rows"] if r["training"] == 2]
+    assert [(r["vocab_size"], r["model"], r["k"]) for r in again] == [(4096, "baseline", None), (4096, "ctf", 128)]
+    assert (again[1]["fid_mean"], again[1]["stage1_coarse_nll"]) == (28, 2.0)
+    assert "stage1_coarse_nll" not in result["rows"][3]  # training 1's K = 128 has no NLL file of its own
+    assert [(t["vocab_size"], t["training"], t["psnr"]) for t in result["tokenizers"]] == [
+        (1024, 1, None), (4096, 1, None), (4096, 2, 27.0)]
+    assert result["missing"] == [16384]
+    # the verdict is training 1's: the second training's CTF, better than its baseline, does not make CTF win
+    assert result["verdict"]["best_ctf_fid_over_baseline"] == {"1024": 1.1, "4096": 44 / 30}
+    assert result["verdict"]["ctf_beats_baseline_at"] == []
+    assert result["training_noise"] == {"4096": {"baseline": {"fid_mean": [30, 35]},
+                                                 "ctf_k128": {"fid_mean": [45, 28],
+                                                              "fid_over_baseline": [1.5, 28 / 35]}}}
