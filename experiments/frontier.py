@@ -6,17 +6,17 @@ small refiner, at batch 1, 16 and 64, and the time to the first preview and to t
     python experiments/frontier.py --plot-only --json docs/results/frontier.json --plot docs/frontier.png   # redraw
 
 `--points` names each point's parts (checkpoint directories; the tokenizer, coarse map and class names come from
-`pipeline`; a CTF point may instead name a whole assembled "pipeline" of its own, e.g. with another K) and the line
-it belongs to; a point's "quality" may name the `ctfgen eval --json` report of the same draw, which is then read
-instead of sampled. Speed: every point at every batch size, timed interleaved (repeat r runs
-all of them before repeat r + 1 starts, so load from other processes hits them alike), median of `--repeats`
-after a warm-up, in the transformers' `--dtype`, with torch's threads. At batch 1 the time to the first preview
-is when a streaming client (the web demo) has CTF's whole coarse grid decoded as cluster means: stage 1 done,
-stage 2 not yet; the baseline has no preview. Quality: FID (and the other `ctfgen eval` metrics) of `--per-class`
-x 10 samples drawn as `ctfgen sample --per-class N --batch 250 --seed S --dtype D` draws them, cached under
-`--cache` by a key over the parts' weights, the settings, the count, the seed and the dtype, so that re-running
-re-times but never re-samples. Prints the table, the Pareto verdict (CTF dominates the baseline when every
-baseline point has a CTF point with a lower FID and at least its images/s, at each batch size) and the goal of
+`pipeline`; a point may instead name a whole assembled "pipeline" of its own, e.g. with another K or tokenizer,
+whose baseline or CTF it then is) and the line it belongs to; a point's "quality" may name the `ctfgen eval --json`
+report of the same draw, which is then read instead of sampled. Speed: every point at every batch size, timed
+interleaved (repeat r runs all of them before repeat r + 1 starts, so load from other processes hits them alike),
+median of `--repeats` after a warm-up, in the transformers' `--dtype`, with torch's threads. At batch 1 the time to
+the first preview is when a streaming client (the web demo) has CTF's whole coarse grid decoded as cluster means:
+stage 1 done, stage 2 not yet; the baseline has no preview. Quality: FID (and the other `ctfgen eval` metrics) of
+`--per-class` x 10 samples drawn as `ctfgen sample --per-class N --batch 250 --seed S --dtype D` draws them, cached
+under `--cache` by a key over the parts' weights, the settings, the count, the seed and the dtype, so that
+re-running re-times but never re-samples. Prints the table, the Pareto verdict (CTF dominates the baseline when
+every baseline point has a CTF point with a lower FID and at least its images/s, at each batch size) and the goal of
 issue 21 (a CTF point at or below the best baseline's FID at 0.9x its images/s or more at batch 64).
 
     python experiments/frontier.py --points experiments/frontier_points_k512.json \
@@ -61,11 +61,11 @@ def load_points(path: Path, skip_missing: bool = False) -> list[dict]:
         if skip_missing and not all((Path(part) / "model.safetensors").is_file() for part in parts_of(point)):
             print(f"{point['name']}: parts not there yet, skipped")
             continue
-        if point["method"] == "baseline":
+        if "pipeline" in point:  # an assembled pipeline: its own coarse map (another K) or tokenizer (another V)
+            pipe = CTFPipeline.from_pretrained(point["pipeline"])
+        elif point["method"] == "baseline":
             pipe = CTFPipeline(shared.tokenizer, baseline=GPT.from_pretrained(point["baseline"]),
                                class_names=shared.class_names)
-        elif "pipeline" in point:  # an assembled pipeline: its own coarse map (another K)
-            pipe = CTFPipeline.from_pretrained(point["pipeline"])
         else:
             pipe = CTFPipeline(shared.tokenizer, shared.coarse_map, GPT.from_pretrained(point["stage1"]),
                                Refiner.from_pretrained(point["stage2"]), class_names=shared.class_names)
@@ -74,10 +74,11 @@ def load_points(path: Path, skip_missing: bool = False) -> list[dict]:
 
 
 def parts_of(point: dict) -> list[str]:
+    if "pipeline" in point:
+        names = ["baseline"] if point["method"] == "baseline" else ["stage1", "stage2"]
+        return [f"{point['pipeline']}/{name}" for name in names]
     if point["method"] == "baseline":
         return [point["baseline"]]
-    if "pipeline" in point:
-        return [f"{point['pipeline']}/stage1", f"{point['pipeline']}/stage2"]
     return [point["stage1"], point["stage2"]]
 
 
