@@ -277,6 +277,39 @@ def test_presets_follow_the_number_of_images():
         resolve("tiny", 27, 9, {"stage1_model": "GPT-Q"})
 
 
+def test_a_stop_signal_during_training_stops_the_fit_and_a_rerun_resumes(fitted, shapes, tmp_path, monkeypatch):
+    """SIGINT (Ctrl-C) or SIGTERM in a training: the run checkpoints and the fit stops there (exit 130, one line
+    saying where), the step not done, nothing after it run; the same command again resumes it and ends with the
+    weights of a fit that was never stopped. (Before, the fit took the stopped tokenizer for a finished one.)"""
+    from ctfgen.tokenizer import train as tokenizer_train
+
+    learning_rate = tokenizer_train.learning_rate
+
+    def stop_at_step_1(step, *args):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return learning_rate(step, *args)
+
+    monkeypatch.setattr(tokenizer_train, "learning_rate", stop_at_step_1)
+    out = tmp_path / "stopped"
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out)
+    steps = json.loads((out / "fit.json").read_text())["steps"]
+    assert status == 130
+    assert stderr.strip().splitlines()[-1].startswith(
+        "ctfgen: interrupted: the tokenizer training stopped at step 2 of ")
+    assert steps["tokenizer"]["state"] == "started" and "map" not in steps
+    assert not (out / "coarse_map.safetensors").exists() and step_lines(stdout, "done in") == ["data"]
+
+    monkeypatch.setattr(tokenizer_train, "learning_rate", learning_rate)
+    status, stdout, stderr = run_fit("--data", shapes, "--out", out)
+    assert status == 0, stderr
+    assert step_lines(stdout, "resuming") == ["tokenizer"]
+    resumed, straight = _weights(out / "pipeline"), _weights(fitted[0] / "pipeline")
+    assert resumed.keys() == straight.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
 def _weights(pipeline: Path) -> dict:
     return {f"{part}.{name}": tensor for part in ("tokenizer", "stage1", "stage2", "baseline")
             for name, tensor in load_weights(pipeline / part).items()}

@@ -13,7 +13,7 @@ from PIL import Image
 from ctfgen.checkpoint import load_weights
 from ctfgen.errors import CtfgenError
 from ctfgen.tokenizer import train as train_module
-from ctfgen.tokenizer.model import VQ_PRESETS, AttnBlock, VQModel, count_parameters
+from ctfgen.tokenizer.model import VQ_PRESETS, AttnBlock, VQModel, count_parameters, nearest_codewords
 from ctfgen.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 
@@ -112,6 +112,18 @@ def test_lookup_normalises_latents_and_codewords():
     torch.testing.assert_close(model.codebook, e)
 
 
+def test_nearest_codewords_in_chunks_is_the_nearest_of_all():
+    """The chunked search equals the argmin over the whole distance matrix, for codewords of unequal lengths (their
+    squared norms count) and a last chunk shorter than the others; float64, so no near-tie decides it."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1000, 8, generator=generator, dtype=torch.float64)
+    lengths = torch.rand(3000, 1, generator=generator, dtype=torch.float64) * 3
+    codewords = torch.randn(3000, 8, generator=generator, dtype=torch.float64) * lengths
+    expected = torch.cdist(latents, codewords).argmin(1)
+    assert torch.equal(nearest_codewords(latents, codewords), expected)
+    assert torch.equal(nearest_codewords(latents, codewords, rows=7), expected)
+
+
 def test_fmnist_preset_shapes_and_roundtrip(tmp_path):
     model = VQModel(VQ_PRESETS["VQ-fmnist"]).eval()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -171,6 +183,30 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fm
             assert torch.equal(straight[name], split[name]), name
     metrics = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_the_command_says_a_stopped_training_stopped(tmp_path, fake_fmnist, monkeypatch, capsys):
+    """`ctfgen tokenizer train` stopped by SIGTERM: the checkpoint, then one line saying where it stopped and how to
+    go on, and exit status 130 (not 0, which a batch system would take for a finished run)."""
+    from ctfgen import cli
+
+    learning_rate = train_module.learning_rate
+
+    def interrupt_at_step_1(step, *args):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return learning_rate(step, *args)
+
+    monkeypatch.setattr(train_module, "learning_rate", interrupt_at_step_1)
+    args = ["tokenizer", "train", "--out", str(tmp_path / "run"), "--model", "VQ-tiny", "--data-dir", str(fake_fmnist),
+            "--steps", "4", "--batch-size", "32", "--no-progress"]
+    assert cli.main(args) == 130
+    out, err = capsys.readouterr()
+    assert "(step 2)" in out
+    assert err.strip() == ("ctfgen: interrupted: the tokenizer's training stopped at step 2 of 4, checkpointed; "
+                           "the same command with --resume continues it")
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+    assert cli.main([*args, "--resume"]) == 0
 
 
 def test_training_refuses_to_overwrite_a_run(tmp_path, fake_fmnist):

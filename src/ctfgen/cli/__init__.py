@@ -58,7 +58,7 @@ def _run(argv: list[str] | None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"ctfgen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ctfgen: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a training stopped by SIGTERM/SIGINT (TrainingStopped says where)
+        print(f"ctfgen: interrupted: {e}" if str(e) else "ctfgen: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ctfgen.errors import check_finished
 from ctfgen.fit.data import FitData, write_layout
 from ctfgen.fit.presets import FitConfig
 from ctfgen.fit.state import fingerprint
@@ -175,6 +176,9 @@ def _finished_run(cfg, ctx: Context, train_in, keys: tuple) -> dict:
     run_dir = Path(cfg.out)
     if not (cfg.resume and checkpoint_step(run_dir / "checkpoint") >= cfg.steps):
         train_in(cfg, ctx.runtime)
+    # a training stopped by SIGTERM/SIGINT returns after its checkpoint: the step is not done, and the fit stops
+    check_finished(f"the {run_dir.name} training", checkpoint_step(run_dir / "checkpoint"), cfg.steps,
+                   "run the same `ctfgen fit` again to resume it")
     last = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
