@@ -87,6 +87,19 @@ def test_a_log_gets_a_progress_line_at_every_tenth_of_the_run(codes, tmp_path, c
     assert all(" of 20, loss " in line and line.endswith(" left") for line in lines), lines
 
 
+def test_a_resumed_run_logs_each_step_once(codes, tmp_path):
+    """Lines a killed run logged after its last checkpoint (faked here) give way to the resumed run's own."""
+    out = tmp_path / "run"
+    assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "2")) == 0
+    metrics = out / "metrics.jsonl"
+    with metrics.open("a") as log:  # steps 3 and 4 of a run killed before its next checkpoint
+        log.writelines(json.dumps({"step": step, "loss": -1.0}) + "\n" for step in (3, 4))
+    assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "4", "--resume")) == 0
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 for m in logged)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(codes, tmp_path):
     """Kill a run hard after a checkpoint at step N; resuming to 2N gives the uninterrupted weights."""

@@ -106,6 +106,8 @@ class TrainingRun:
             set_optimizer_state_dict(model, optimizer, _rekeyed(saved["optimizer"], names), options=options)
             self.start_step = int(saved["step"])
             restore_rng(saved["rng"][min(self.runtime.rank, len(saved["rng"]) - 1)])
+            if self.runtime.is_main:
+                self._forget_metrics_after(self.start_step)
         elif self.runtime.is_main and (self.checkpoint_dir / TRAIN_STATE_NAME).exists():
             raise CtfgenError(f"{self.checkpoint_dir} already holds a run; pass --resume to continue it or choose "
                               f"another --out")
@@ -113,6 +115,17 @@ class TrainingRun:
             raise CtfgenError(f"the run in {self.cfg.out} already reached step {self.start_step} of {self.cfg.steps}; "
                               f"raise --steps")
         return saved
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """A run killed after its last checkpoint had logged steps the resumed run takes again: drop those lines,
+        so that metrics.jsonl tells each step once, as the weights went."""
+        path = self.out / METRICS_NAME
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            write_atomic(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def __enter__(self) -> TrainingRun:
         if self.runtime.is_main:
