@@ -8,7 +8,8 @@ scale and stage-2 top-k).
 Each setting (comma-separated key=value pairs: a SamplingParams field for stage 1, the same prefixed with
 `stage2_` for stage 2, `restrict` or `mode`; on top of the pipeline's defaults, CFG 2.0 in stage 1, both
 temperatures 1, no top-k) is sampled `--per-class` images per class with the same seed and scored with
-`ctfgen eval`'s metrics against the test split. Prints one JSON line per setting, then all.
+`ctfgen eval`'s metrics against the test split. Prints one JSON line per setting as it is scored; with --out,
+writes them all (and the command) to one JSON file.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
+from pathlib import Path
 
 from ctfgen.checkpoint import DTYPES
 from ctfgen.evaluation import evaluate_pipeline, load_feature_network
+from ctfgen.files import write_atomic
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.sampling.params import STAGE1_DEFAULTS, STAGE2_DEFAULTS
 
@@ -50,17 +55,23 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the transformers' weights")
     parser.add_argument("--settings", nargs="+", default=[""],
                         help='e.g. "cfg_scale=3" "stage2_temperature=0.5,stage2_top_k=3"')
+    parser.add_argument("--out", help="write every setting's row here (JSON)")
     args = parser.parse_args()
+    requests = [parse(setting) for setting in args.settings]  # every setting checked before the first is sampled
     pipe = CTFPipeline.from_pretrained(args.pipeline).copy(DTYPES[args.dtype])
     network = load_feature_network("fmnist")
     rows = []
-    for setting in args.settings:
-        result = evaluate_pipeline(pipe, network, args.per_class, batch_size=args.batch, **parse(setting))
+    for setting, request in zip(args.settings, requests):
+        result = evaluate_pipeline(pipe, network, args.per_class, batch_size=args.batch, **request)
         row = {"setting": setting or "defaults",
-               **{key: result[key] for key in ("fid", "inception_score", "precision", "recall", "accuracy")}}
+               **{key: result[key] for key in ("n_samples", "fid", "inception_score", "precision", "recall",
+                                               "accuracy")}}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(json.dumps(rows, indent=2))
+    if args.out:
+        result = {"command": "python " + shlex.join(sys.argv), "pipeline": args.pipeline, "dtype": args.dtype,
+                  "rows": rows}
+        write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
 
 
 if __name__ == "__main__":
