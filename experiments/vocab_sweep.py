@@ -127,6 +127,15 @@ def plot(result: dict, out: str) -> None:
     write_atomic(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def measured(results: Path, kind: str) -> dict[tuple[int, int], Path]:
+    """The files of one kind ("table1", "tokenizer") in --results, by (V, training)."""
+    found = {}
+    for path in results.glob(f"{kind}_v*.json"):
+        vocab, training = re.fullmatch(rf"{kind}_v(\d+)(?:_t(\d+))?\.json", path.name).groups()
+        found[int(vocab), int(training or 1)] = path
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="docs/results/vocab_sweep")
@@ -134,13 +143,11 @@ def main() -> None:
     parser.add_argument("--plot", help="PNG of FID against V (needs matplotlib)")
     args = parser.parse_args()
     results = Path(args.results)
-    tables = {}
-    for path in results.glob("table1_v*.json"):
-        vocab, training = re.fullmatch(r"table1_v(\d+)(?:_t(\d+))?\.json", path.name).groups()
-        tables[int(vocab), int(training or 1)] = json.loads(path.read_text())
+    tables = {key: json.loads(path.read_text()) for key, path in measured(results, "table1").items()}
+    tokenizers = sorted(tables.keys() | measured(results, "tokenizer").keys())  # a tokenizer before its models
     rows = [row for key in sorted(tables) for row in model_rows(*key, tables[key], results)]
     result = {"command": "python " + " ".join(sys.argv), "rows": rows,
-              "tokenizers": [tokenizer_row(*key, results) for key in sorted(tables)],
+              "tokenizers": [tokenizer_row(*key, results) for key in tokenizers],
               "missing": [v for v in VOCABS if (v, 1) not in tables], "verdict": verdict(rows),
               "training_noise": training_noise(rows)}
     write_atomic(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))

@@ -1,6 +1,6 @@
 """The vocabulary sweep's summary (experiments/vocab_sweep.py), on result files written here by hand: one row per
-model and V with every draw, the coarse NLL joined to its CTF row, the verdict on the gap, and a second training of
-one V set beside the first without moving the verdict."""
+model and V with every draw, the coarse NLL joined to its CTF row, the verdict on the gap, a second training of
+one V set beside the first without moving the verdict, and a tokenizer reported before its models are."""
 
 import json
 import subprocess
@@ -75,6 +75,7 @@ def test_a_second_training_is_its_own_row_and_not_the_verdict(tmp_path):
     (results / "coarse_nll_v4096_t2_k128.json").write_text(json.dumps({"stage1_coarse_nll": 2.0,
                                                                        "baseline_coarse_nll": 1.9}))
     (results / "tokenizer_v4096_t2.json").write_text(json.dumps({"psnr": 27.0}))
+    (results / "tokenizer_v16384.json").write_text(json.dumps({"psnr": 28.0}))  # its models not measured yet
     result = run(results, tmp_path / "sweep.json")
 
     again = [r for r in result["rows"] if r["training"] == 2]
@@ -82,8 +83,8 @@ def test_a_second_training_is_its_own_row_and_not_the_verdict(tmp_path):
     assert (again[1]["fid_mean"], again[1]["stage1_coarse_nll"]) == (28, 2.0)
     assert "stage1_coarse_nll" not in result["rows"][3]  # training 1's K = 128 has no NLL file of its own
     assert [(t["vocab_size"], t["training"], t["psnr"]) for t in result["tokenizers"]] == [
-        (1024, 1, None), (4096, 1, None), (4096, 2, 27.0)]
-    assert result["missing"] == [16384]
+        (1024, 1, None), (4096, 1, None), (4096, 2, 27.0), (16384, 1, 28.0)]
+    assert result["missing"] == [16384] and {r["vocab_size"] for r in result["rows"]} == {1024, 4096}
     # the verdict is training 1's: the second training's CTF, better than its baseline, does not make CTF win
     assert result["verdict"]["best_ctf_fid_over_baseline"] == {"1024": 1.1, "4096": 44 / 30}
     assert result["verdict"]["ctf_beats_baseline_at"] == []
