@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -33,6 +34,24 @@ class WriteRefused(CtfgenError):
     def __init__(self, path, error: OSError | WriteRefused):
         self.errno, self.strerror = error.errno, error.strerror
         super().__init__(f"cannot write {path}: {REASONS.get(self.errno) or self.strerror or error}")
+
+
+@contextmanager
+def held_alone(lock: Path, what: str):
+    """Hold an advisory lock on the file `lock` (created if missing) while the block runs; while another process
+    holds it, refuse with one line naming `what`. The system drops the lock when its process ends, even by SIGKILL,
+    so a killed run never leaves its folder locked."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CtfgenError(f"{what} is in use by another ctfgen process running now; wait for it to finish (or "
+                              f"stop it) and run again") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctfgen.errors import CtfgenError
+from ctfgen.files import held_alone
 from ctfgen.fit.data import FitData, fmnist_data, folder_fingerprint, is_data_dir, scan_folder
 from ctfgen.fit.presets import PRESETS, FitConfig, resolve
-from ctfgen.fit.state import FIT_JSON, FitState
+from ctfgen.fit.state import FIT_JSON, LOCK_NAME, FitState
 from ctfgen.fit.steps import Context, Step, plan, step_fingerprint
 from ctfgen.training.distributed import Runtime, all_gather_object, barrier, launched
 from ctfgen.training.run import format_duration
@@ -49,20 +51,23 @@ def fit(request: FitRequest) -> dict | None:
     if request.preset not in PRESETS:
         raise CtfgenError(f"unknown --preset {request.preset!r}; use one of {', '.join(PRESETS)}")
     tic = time.perf_counter()
-    with launched(request.device) as runtime:
-        state, config, data, layout, data_inputs = prepare(request, speak=runtime.is_main)
-        if runtime.is_main:
-            remove_stale_writes(Path(request.out), Path(FIT_JSON).stem)
-            state.begin(command=request.command, preset=request.preset, data=_summary(data), config=asdict(config))
-        ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command, request.preset,
-                      request.tokenizer, request.inception_weights, layout)
-        steps = plan(ctx, data_inputs)
-        tail = max(i for i, step in enumerate(steps) if step.heavy) + 1
-        run_steps(steps, range(tail), ctx, state)
-    if not runtime.is_main:
-        return None
-    ctx.runtime = Runtime(device=runtime.device)
-    run_steps(steps, range(tail, len(steps)), ctx, state)
+    with ExitStack() as lock:  # held from the first write to the end, by the main process
+        with launched(request.device) as runtime:
+            state, config, data, layout, data_inputs = prepare(request, speak=runtime.is_main)
+            if runtime.is_main:  # one fit at a time in a folder: a second would train the same runs over each other
+                lock.enter_context(held_alone(Path(request.out) / LOCK_NAME, f"--out {request.out}"))
+                remove_stale_writes(Path(request.out), Path(FIT_JSON).stem)
+                state.begin(command=request.command, preset=request.preset, data=_summary(data),
+                            config=asdict(config))
+            ctx = Context(Path(request.out), config, data, runtime, request.progress, request.command,
+                          request.preset, request.tokenizer, request.inception_weights, layout)
+            steps = plan(ctx, data_inputs)
+            tail = max(i for i, step in enumerate(steps) if step.heavy) + 1
+            run_steps(steps, range(tail), ctx, state)
+        if not runtime.is_main:
+            return None
+        ctx.runtime = Runtime(device=runtime.device)
+        run_steps(steps, range(tail, len(steps)), ctx, state)
     say(f"finished in {format_duration(time.perf_counter() - tic)}: the pipeline is {ctx.out / 'pipeline'}, the report "
         f"{ctx.out / 'report.md'}")
     return ctx.results["report"]
