@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -32,3 +33,17 @@ def fake_fmnist(tmp_path_factory):
         write_idx(root / f"{split}-images-idx3-ubyte", images)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+def send_signal_at_step(monkeypatch, module, signum: int, at: int = 1):
+    """Make `module`'s training loop send `signum` to this process at step `at` (its `learning_rate`, called once per
+    step, does it): a stop arriving mid-run. Returns the original `learning_rate`, to put back for the resume."""
+    learning_rate = module.learning_rate
+
+    def stopping(step, *args):
+        if step == at:
+            os.kill(os.getpid(), signum)
+        return learning_rate(step, *args)
+
+    monkeypatch.setattr(module, "learning_rate", stopping)
+    return learning_rate

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import send_signal_at_step
 from ctfgen import cli
 from ctfgen.checkpoint import load_weights
 from ctfgen.data.datasets import crop_original
@@ -311,14 +312,7 @@ def test_a_stop_signal_during_training_stops_the_fit_and_a_rerun_resumes(fitted,
     weights of a fit that was never stopped. (Before, the fit took the stopped tokenizer for a finished one.)"""
     from ctfgen.tokenizer import train as tokenizer_train
 
-    learning_rate = tokenizer_train.learning_rate
-
-    def stop_at_step_1(step, *args):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return learning_rate(step, *args)
-
-    monkeypatch.setattr(tokenizer_train, "learning_rate", stop_at_step_1)
+    learning_rate = send_signal_at_step(monkeypatch, tokenizer_train, signal.SIGINT)
     out = tmp_path / "stopped"
     status, stdout, stderr = run_fit("--data", shapes, "--out", out)
     steps = json.loads((out / "fit.json").read_text())["steps"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import send_signal_at_step
 from ctfgen.checkpoint import load_weights
 from ctfgen.errors import CtfgenError
 from ctfgen.tokenizer import train as train_module
@@ -161,14 +162,7 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(tmp_path, fake_fm
         restarts = dict(data=str(image_folder(tmp_path / "images")), image_size=16, batch_size=8)
     _train(tmp_path / "straight", fake_fmnist, **restarts)
 
-    learning_rate = train_module.learning_rate
-
-    def interrupt_at_step_1(step, *args):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return learning_rate(step, *args)
-
-    monkeypatch.setattr(train_module, "learning_rate", interrupt_at_step_1)
+    learning_rate = send_signal_at_step(monkeypatch, train_module, signal.SIGTERM)
     stopped = _train(tmp_path / "split", fake_fmnist, **restarts)
     assert stopped["step"] == 2
     assert json.loads((tmp_path / "split/checkpoint/config.json").read_text())["step"] == 2
@@ -190,14 +184,7 @@ def test_the_command_says_a_stopped_training_stopped(tmp_path, fake_fmnist, monk
     go on, and exit status 130 (not 0, which a batch system would take for a finished run)."""
     from ctfgen import cli
 
-    learning_rate = train_module.learning_rate
-
-    def interrupt_at_step_1(step, *args):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return learning_rate(step, *args)
-
-    monkeypatch.setattr(train_module, "learning_rate", interrupt_at_step_1)
+    learning_rate = send_signal_at_step(monkeypatch, train_module, signal.SIGTERM)
     args = ["tokenizer", "train", "--out", str(tmp_path / "run"), "--model", "VQ-tiny", "--data-dir", str(fake_fmnist),
             "--steps", "4", "--batch-size", "32", "--no-progress"]
     assert cli.main(args) == 130
