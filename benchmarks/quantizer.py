@@ -35,8 +35,7 @@ CHUNKED = vq.nearest_codewords
 
 def all_at_once(latents: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
     """The search as the quantizer did it before: every distance in one [latents, V] matrix."""
-    distances = latents.pow(2).sum(1, keepdim=True) + codewords.pow(2).sum(1) - 2 * latents @ codewords.t()
-    return distances.argmin(1)
+    return vq.codeword_distances(latents, codewords).argmin(1)
 
 
 def training_step(model: vq.VQModel, optimizer: torch.optim.Optimizer, images: torch.Tensor):

@@ -192,15 +192,16 @@ class VectorQuantizer(nn.Module):
                 z = F.normalize(z, dim=-1)
             e = self.codewords()
             flat = z.reshape(-1, self.e_dim)
-            indices = nearest_codewords(flat.detach(), e.detach())
-            z_q = e[indices].view(z.shape)
             zero = z.new_zeros(())
+            if self.training and self.entropy_loss_ratio > 0:  # needs every distance, with their gradients
+                d = codeword_distances(flat, e)
+                indices = d.argmin(1)
+                entropy_loss = self.entropy_loss_ratio * entropy_loss_from_affinity(-d)
+            else:
+                indices, entropy_loss = nearest_codewords(flat.detach(), e.detach()), zero
+            z_q = e[indices].view(z.shape)
             codebook_loss = (z_q - z.detach()).pow(2).mean() if self.training else zero
             commit_loss = self.beta * (z_q.detach() - z).pow(2).mean() if self.training else zero
-            entropy_loss = zero
-            if self.training and self.entropy_loss_ratio > 0:  # needs every distance, with their gradients
-                d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
-                entropy_loss = self.entropy_loss_ratio * entropy_loss_from_affinity(-d)
             z_q = z + (z_q - z).detach()
         return QuantizerOutput(z_q.permute(0, 3, 1, 2), indices.view(z.shape[:-1]),
                                codebook_loss, commit_loss, entropy_loss, flat.detach())
@@ -208,6 +209,11 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices [B, h, w] -> codewords [B, D, h, w]."""
         return self.codewords()[indices].permute(0, 3, 1, 2)
+
+
+def codeword_distances(latents: torch.Tensor, codewords: torch.Tensor) -> torch.Tensor:
+    """The squared distance [latents, V] from every latent to every codeword, all at once."""
+    return latents.pow(2).sum(1, keepdim=True) + codewords.pow(2).sum(1) - 2 * latents @ codewords.t()
 
 
 def nearest_codewords(latents: torch.Tensor, codewords: torch.Tensor, rows: int = 64) -> torch.Tensor:
