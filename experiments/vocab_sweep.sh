@@ -10,7 +10,8 @@
 # Every step resumes: `ctfgen fit` skips what is done and continues a training from its last checkpoint, and
 # table1.py reuses the draws already scored, so run this again after an interruption. VOCABS="1024" runs one V.
 # Compute on a 2-core AVX-512 CPU, one thread: per new V a tokenizer (~55 to ~90 min, more codewords slower), its
-# codes (~15 min), three GPT-S and two GPT-XS trainings (~5 h 15 min), nine draws (~45 min): about 7 h.
+# codes (~15 min), three GPT-S and two GPT-XS trainings (~5 h 15 min), nine draws (~45 min): about 7 h. The baseline
+# and K = V/32 are measured before K = V/8 is trained, and docs/vocab_sweep.json is rewritten after each measurement.
 # Edit this file by replacing it (write a copy, then mv): bash reads a running script as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,20 +28,31 @@ into() {
   mv "$file.tmp" "$file"
 }
 
-# measure NAME MAIN CODES K [K2 PIPELINE2]: three draws each of MAIN's baseline and CTF (K coarse labels) and of
-# PIPELINE2's CTF (K2), MAIN's tokenizer, and each CTF's coarse-label NLL; the files are named after NAME.
-measure() {
-  local name=$1 main=$2 codes=$3 k=$4 k2=${5:-} other=${6:-}
-  $PYTHON experiments/table1.py --pipeline "$main" ${other:+--ctf "ctf_k$k2=$other"} \
-    --runs "$RUNS/eval/$name" --out "$DOCS/table1_$name.json"
+# measure_pair NAME MAIN CODES K: three draws each of MAIN's baseline and CTF (K coarse labels), MAIN's tokenizer and
+# its CTF's coarse-label NLL; the files are named after NAME. Then the sweep's JSON and plot, so far.
+measure_pair() {
+  local name=$1 main=$2 codes=$3 k=$4
+  $PYTHON experiments/table1.py --pipeline "$main" --runs "$RUNS/eval/$name" --out "$DOCS/table1_$name.json"
   into "$DOCS/tokenizer_$name.json" $CTFGEN tokenizer eval --tokenizer "$main/tokenizer" --split test --json
   into "$DOCS/reconstruction_$name.json" $CTFGEN eval --reconstruction "$main/tokenizer" --json
   into "$DOCS/coarse_nll_${name}_k$k.json" $PYTHON experiments/coarse_nll.py --pipeline "$main" --codes "$codes" \
     --n 2000
-  if [ -n "$other" ]; then
-    into "$DOCS/coarse_nll_${name}_k$k2.json" $PYTHON experiments/coarse_nll.py --pipeline "$other" \
-      --baseline "$main/baseline" --codes "$codes" --n 2000
-  fi
+  summarise
+}
+
+# measure_ctf NAME MAIN CODES K OTHER: OTHER's CTF (K coarse labels, MAIN's tokenizer) joins NAME's table (MAIN's
+# draws are reused) with its coarse-label NLL against MAIN's baseline.
+measure_ctf() {
+  local name=$1 main=$2 codes=$3 k=$4 other=$5
+  $PYTHON experiments/table1.py --pipeline "$main" --ctf "ctf_k$k=$other" --runs "$RUNS/eval/$name" \
+    --out "$DOCS/table1_$name.json"
+  into "$DOCS/coarse_nll_${name}_k$k.json" $PYTHON experiments/coarse_nll.py --pipeline "$other" \
+    --baseline "$main/baseline" --codes "$codes" --n 2000
+  summarise
+}
+
+summarise() {
+  $PYTHON experiments/vocab_sweep.py --results "$DOCS" --out docs/vocab_sweep.json --plot docs/vocab_sweep.png
 }
 
 for V in ${VOCABS:-4096 1024 16384}; do
@@ -52,11 +64,11 @@ for V in ${VOCABS:-4096 1024 16384}; do
     $CTFGEN fit --data fmnist --preset small --config "$RUNS/v$V.toml" --out "$RUNS/v${V}_k$K1"
     MAIN=$RUNS/v${V}_k$K1/pipeline CODES=$RUNS/v${V}_k$K1/codes/val
   fi
+  measure_pair "v$V" "$MAIN" "$CODES" "$K1"
   $CTFGEN fit --data fmnist --preset small --tokenizer "$MAIN/tokenizer" --k "$K2" --no-baseline \
     --out "$RUNS/v${V}_k$K2"
-  measure "v$V" "$MAIN" "$CODES" "$K1" "$K2" "$RUNS/v${V}_k$K2/pipeline"
+  measure_ctf "v$V" "$MAIN" "$CODES" "$K2" "$RUNS/v${V}_k$K2/pipeline"
   if [ "$V" = 4096 ] && [ -d runs/fit_fmnist_png/pipeline ]; then
-    measure v4096_t2 runs/fit_fmnist_png/pipeline runs/fit_fmnist_png/codes/val 128
+    measure_pair v4096_t2 runs/fit_fmnist_png/pipeline runs/fit_fmnist_png/codes/val 128
   fi
 done
-$PYTHON experiments/vocab_sweep.py --results "$DOCS" --out docs/vocab_sweep.json --plot docs/vocab_sweep.png
