@@ -26,7 +26,6 @@ from ctfgen.errors import CtfgenError
 from ctfgen.files import held_alone
 from ctfgen.fit.data import scan_folder, write_layout
 from ctfgen.fit.presets import resolve
-from ctfgen.fit.state import LOCK_NAME
 
 SHAPES = {"circle": (230, 60, 40), "square": (40, 200, 80), "triangle": (60, 90, 240)}
 SIZES = [(20, 24), (40, 32), (64, 64), (33, 47)]
@@ -221,7 +220,7 @@ def test_a_second_fit_in_the_same_folder_is_refused_while_the_first_runs(fitted,
     lock, as a running fit holds it), another is refused with one line and changes nothing."""
     out = fitted[0]
     before = (out / "fit.json").read_bytes()
-    with held_alone(out / LOCK_NAME, "the test"):
+    with held_alone(out, "the test"):
         status, stdout, stderr = run_fit("--data", shapes, "--out", out)
     assert status == 2
     assert stderr.strip() == (f"ctfgen: error: --out {out} is in use by another ctfgen process running now; wait for "
@@ -229,17 +228,6 @@ def test_a_second_fit_in_the_same_folder_is_refused_while_the_first_runs(fitted,
     assert (out / "fit.json").read_bytes() == before
     status, stdout, _ = run_fit("--data", shapes, "--out", out)  # the lock went with its holder
     assert status == 0 and step_lines(stdout, "skipped") == STEPS
-
-
-def test_a_folder_holding_only_a_lock_left_behind_is_still_empty(tmp_path):
-    from ctfgen.fit.state import FitState
-
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / LOCK_NAME).touch()  # a fit killed right after taking the folder
-    assert FitState.open(tmp_path / "out").step("data") is None
-    (tmp_path / "out" / "notes.txt").touch()
-    with pytest.raises(CtfgenError, match="holds no ctfgen fit"):
-        FitState.open(tmp_path / "out")
 
 
 def test_layout_links_and_pads_without_touching_the_originals(tmp_path):

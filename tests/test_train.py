@@ -11,6 +11,7 @@ import torch
 
 from ctfgen import cli
 from ctfgen.checkpoint import load_weights
+from ctfgen.files import held_alone
 from ctfgen.training.schedule import learning_rate
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -98,6 +99,25 @@ def test_a_resumed_run_logs_each_step_once(codes, tmp_path):
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
     assert all(m["loss"] > 0 for m in logged)
+
+
+def test_a_second_run_of_the_same_folder_is_refused_while_the_first_runs(codes, tmp_path, capsys):
+    """Two runs of one --out would write their checkpoints over each other: while one holds the folder (its lock,
+    as a running run holds it), another is refused with one line and changes nothing; a refused or finished run
+    lets go of it."""
+    out = tmp_path / "run"
+    assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "2")) == 0
+    assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "2")) == 2  # no --resume: refused
+    capsys.readouterr()
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    with held_alone(out, "the test"):
+        assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "4", "--resume")) == 2
+    assert capsys.readouterr().err.strip() == (f"ctfgen: error: --out {out} is in use by another ctfgen process "
+                                               f"running now; wait for it to finish (or stop it) and run again")
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert cli.main(train_args(codes, out, "--stage", "stage1", "--steps", "4", "--resume")) == 0
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["step"] == 4
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "metrics.jsonl", "train_config.json"]
 
 
 @pytest.mark.slow

@@ -37,12 +37,12 @@ class WriteRefused(CtfgenError):
 
 
 @contextmanager
-def held_alone(lock: Path, what: str):
-    """Hold an advisory lock on the file `lock` (created if missing) while the block runs; while another process
-    holds it, refuse with one line naming `what`. The system drops the lock when its process ends, even by SIGKILL,
-    so a killed run never leaves its folder locked."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+def held_alone(folder: Path, what: str):
+    """Hold an advisory lock on `folder` (created if missing) while the block runs; while another process holds it,
+    refuse with one line naming `what`. The lock is on the folder itself, so it leaves no file behind, and the system
+    drops it when its process ends, even by SIGKILL, so a killed run never leaves its folder locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,7 +18,7 @@ from ctfgen.errors import CtfgenError
 from ctfgen.files import held_alone
 from ctfgen.fit.data import FitData, fmnist_data, folder_fingerprint, is_data_dir, scan_folder
 from ctfgen.fit.presets import PRESETS, FitConfig, resolve
-from ctfgen.fit.state import FIT_JSON, LOCK_NAME, FitState
+from ctfgen.fit.state import FIT_JSON, FitState
 from ctfgen.fit.steps import Context, Step, plan, step_fingerprint
 from ctfgen.training.distributed import Runtime, all_gather_object, barrier, launched
 from ctfgen.training.run import format_duration
@@ -55,7 +55,7 @@ def fit(request: FitRequest) -> dict | None:
         with launched(request.device) as runtime:
             state, config, data, layout, data_inputs = prepare(request, speak=runtime.is_main)
             if runtime.is_main:  # one fit at a time in a folder: a second would train the same runs over each other
-                lock.enter_context(held_alone(Path(request.out) / LOCK_NAME, f"--out {request.out}"))
+                lock.enter_context(held_alone(Path(request.out), f"--out {request.out}"))
                 remove_stale_writes(Path(request.out), Path(FIT_JSON).stem)
                 state.begin(command=request.command, preset=request.preset, data=_summary(data),
                             config=asdict(config))

@@ -23,7 +23,6 @@ from ctfgen.validation import check_destination, check_writable_place
 
 FORMAT = "ctfgen-fit-v1"
 FIT_JSON = "fit.json"
-LOCK_NAME = ".fit.lock"  # held by the fit running in the folder (ctfgen.files.held_alone)
 
 
 def fingerprint(inputs: dict) -> str:
@@ -55,7 +54,7 @@ class FitState:
         check_destination(out, directory=True)
         check_writable_place(out)
         record = _read(out / FIT_JSON)
-        if record is None and out.exists() and any(path.name != LOCK_NAME for path in out.iterdir()):
+        if record is None and out.exists() and any(out.iterdir()):
             if (out / FIT_JSON).exists():
                 raise CtfgenError(f"{out / FIT_JSON} is damaged or not ctfgen's; remove it to start the fit afresh")
             raise CtfgenError(f"--out {out} is not empty and holds no ctfgen fit ({FIT_JSON}); choose a new or empty "

@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 from ctfgen.checkpoint import TRAIN_STATE_NAME, check_weight_shapes, load_weights, remove_stale_writes, save_checkpoint
 from ctfgen.errors import CtfgenError
-from ctfgen.files import append_line, write_atomic
+from ctfgen.files import append_line, held_alone, write_atomic
 from ctfgen.training.distributed import Runtime, all_gather_object, any_rank, barrier
 from ctfgen.training.state import (
     RUN_CONFIG_NAME,
@@ -83,6 +84,7 @@ class TrainingRun:
         self.cfg, self.runtime, self.name, self.snapshot_every = cfg, runtime, name, snapshot_every
         self.checkpoint_dir = self.out / "checkpoint"
         self.start_step = 0
+        self._held = ExitStack()  # the folder's lock, from start() to the end of the run
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               extra_state: Callable[[], dict] = dict) -> dict | None:
@@ -90,7 +92,18 @@ class TrainingRun:
         with the entries `extra_state()` returns (called on every rank at each save; rank 0's are saved). With
         --resume, load the checkpoint's weights and optimizer state into them, restore this rank's RNG and
         return the saved training state (for the loop's own entries); else refuse an --out that holds a run
-        and return None."""
+        and return None. While the run lasts, another process's run of the same --out is refused."""
+        # Two runs in one folder would write their checkpoints over each other. (A --resume of a folder that is not
+        # there is refused below; locking it would create it.)
+        if self.runtime.is_main and (self.out.is_dir() or not self.cfg.resume):
+            self._held.enter_context(held_alone(self.out, f"--out {self.cfg.out}"))
+        try:
+            return self._attach(model, optimizer, extra_state)
+        except BaseException:
+            self._held.close()
+            raise
+
+    def _attach(self, model, optimizer, extra_state) -> dict | None:
         self.model, self.optimizer, self.extra_state = model, optimizer, extra_state
         if self.runtime.is_main:  # a run killed while saving left its temporary directories
             remove_stale_writes(self.out, self.checkpoint_dir.name)
@@ -142,6 +155,7 @@ class TrainingRun:
     def __exit__(self, *exc) -> None:
         self._bar.close()
         self._stop.restore()
+        self._held.close()
 
     def log(self, metrics: dict) -> None:
         """Append one line to metrics.jsonl (rank 0 writes it)."""
