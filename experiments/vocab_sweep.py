@@ -8,9 +8,10 @@ Reads what experiments/vocab_sweep.sh leaves in --results for each vocabulary si
     tokenizer_vV.json       `ctfgen tokenizer eval --json`: PSNR and codebook usage on the test split
     reconstruction_vV.json  `ctfgen eval --reconstruction --json`: the reconstructions' FID (rFID)
     coarse_nll_vV_kK.json   experiments/coarse_nll.py: next-coarse-label NLL of stage 1 and of the baseline
-and writes one JSON: a row per (V, training, model, K) with each metric per draw and its mean, the tokenizers, and
-the verdict (for each V the best CTF's mean FID over the baseline's; whether that ratio falls as V grows, and whether
-it goes below 1). A V whose table is not there yet is left out and named under "missing". Files named `..._vV_tN...`
+and writes one JSON: a row per (V, training, model, K) with each metric per draw and its mean (and, for a pipeline
+that `ctfgen fit` made, how far each of its models' held-out loss moved over the last quarter of training, from the
+fit's report.json), the tokenizers, and the verdict (for each V the best CTF's mean FID over the baseline's; whether
+that ratio falls as V grows, and whether it goes below 1). A V whose table is not there yet is left out and named under "missing". Files named `..._vV_tN...`
 are a further training N of V's recipe (training 1 has no suffix): their rows carry "training": N, the verdict is
 taken on training 1, and "training_noise" sets each V's trainings side by side.
 """
@@ -48,6 +49,9 @@ def model_rows(vocab: int, training: int, table: dict, results: Path) -> list[di
             values = [draw[metric] for draw in entry["draws"]]
             row[metric] = values
             row[f"{metric}_mean"] = statistics.mean(values)
+        moved = held_out_moved(entry["pipeline"], ("stage1", "stage2") if k is not None else ("baseline",))
+        if moved is not None:
+            row["held_out_loss_moved_last_quarter"] = moved
         if k is not None:
             row["fid_over_baseline"] = entry["fid_over_baseline"]
             nll = read(results / f"coarse_nll_v{vocab}{suffix(training)}_k{k}.json")
@@ -56,6 +60,22 @@ def model_rows(vocab: int, training: int, table: dict, results: Path) -> list[di
                 row["baseline_coarse_nll"] = nll["baseline_coarse_nll"]
         rows.append(row)
     return rows
+
+
+def held_out_moved(pipeline: str, stages: tuple[str, ...]) -> dict | None:
+    """How far each stage's held-out loss moved over the last quarter of its training, from the first measurement at
+    or after three quarters of the steps to the last (the fit's report.json beside the pipeline): the sweep's test of
+    convergence. None for a pipeline made without `ctfgen fit` (the shipped one)."""
+    report = read(Path(pipeline).parent / "report.json")
+    if report is None:
+        return None
+    moved = {}
+    for stage in stages:
+        curve = report["training"][stage]
+        steps, losses = curve["steps"], curve["eval_loss"]
+        start = next(i for i, step in enumerate(steps) if 4 * step >= 3 * steps[-1])
+        moved[stage] = losses[-1] - losses[start]
+    return moved
 
 
 def tokenizer_row(vocab: int, training: int, results: Path) -> dict:

@@ -91,3 +91,22 @@ def test_a_second_training_is_its_own_row_and_not_the_verdict(tmp_path):
     assert result["training_noise"] == {"4096": {"baseline": {"fid_mean": [30, 35]},
                                                  "ctf_k128": {"fid_mean": [45, 28],
                                                               "fid_over_baseline": [1.5, 28 / 35]}}}
+
+
+def test_a_fitted_pipeline_says_how_far_its_held_out_loss_moved_in_the_last_quarter(tmp_path):
+    """Convergence, as the sweep defines it: from the first held-out measurement at or after three quarters of the
+    steps to the last, per model of the row, read from the fit's report.json beside the pipeline."""
+    results, fitted = tmp_path / "results", tmp_path / "fit"
+    results.mkdir(), fitted.mkdir()
+    steps = [100, 200, 300, 400]
+    curves = {"stage1": [3.0, 2.5, 2.2, 2.15], "stage2": [2.0, 1.9, 1.8, 1.81], "baseline": [4.0, 3.0, 2.9, 2.5]}
+    report = {"training": {stage: {"steps": steps, "eval_loss": losses} for stage, losses in curves.items()}}
+    (fitted / "report.json").write_text(json.dumps(report))
+    tables = table([30, 30], {"ctf_k32": (32, [33, 33])})
+    tables["rows"]["ctf_k32"]["pipeline"] = str(fitted / "pipeline")
+    (results / "table1_v1024.json").write_text(json.dumps(tables))
+    baseline, ctf = run(results, tmp_path / "sweep.json")["rows"]
+    assert "held_out_loss_moved_last_quarter" not in baseline  # its pipeline "p" has no report beside it
+    moved = ctf["held_out_loss_moved_last_quarter"]
+    assert moved.keys() == {"stage1", "stage2"}
+    assert abs(moved["stage1"] - (2.15 - 2.2)) < 1e-12 and abs(moved["stage2"] - (1.81 - 1.8)) < 1e-12
