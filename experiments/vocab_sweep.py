@@ -7,7 +7,8 @@ Reads what experiments/vocab_sweep.sh leaves in --results for each vocabulary si
     table1_vV.json          experiments/table1.py: the baseline and CTF rows, three draws of 10,000 samples each
     tokenizer_vV.json       `ctfgen tokenizer eval --json`: PSNR and codebook usage on the test split
     reconstruction_vV.json  `ctfgen eval --reconstruction --json`: the reconstructions' FID (rFID)
-    coarse_nll_vV_kK.json   experiments/coarse_nll.py: next-coarse-label NLL of stage 1 and of the baseline
+    coarse_nll_vV_kK.json   experiments/coarse_nll.py: next-coarse-label NLL of stage 1 and of the baseline, and
+                            each model's NLL of the fine tokens split into coarse and within-cluster parts
 and writes one JSON: a row per (V, training, model, K) with each metric per draw and its mean (and, for a pipeline
 that `ctfgen fit` made, how far each of its models' held-out loss moved over the last quarter of training, from the
 fit's report.json), the tokenizers, and the verdict (for each V the best CTF's mean FID over the baseline's; whether
@@ -28,6 +29,8 @@ from pathlib import Path
 from ctfgen.files import write_atomic
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
+NLL_FIELDS = ("stage1_coarse_nll", "baseline_coarse_nll", "stage2_within_nll", "baseline_within_nll", "ctf_fine_nll",
+              "baseline_fine_nll")  # coarse_nll.py's, nats per token
 VOCABS = (1024, 4096, 16384)
 
 
@@ -55,9 +58,7 @@ def model_rows(vocab: int, training: int, table: dict, results: Path) -> list[di
         if k is not None:
             row["fid_over_baseline"] = entry["fid_over_baseline"]
             nll = read(results / f"coarse_nll_v{vocab}{suffix(training)}_k{k}.json")
-            if nll:
-                row["stage1_coarse_nll"] = nll["stage1_coarse_nll"]
-                row["baseline_coarse_nll"] = nll["baseline_coarse_nll"]
+            row |= {name: nll[name] for name in NLL_FIELDS if name in (nll or {})}
         rows.append(row)
     return rows
 

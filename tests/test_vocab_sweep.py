@@ -36,7 +36,8 @@ def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
                                                                                "ctf_k128": (128, [40, 41, 42])})))
     (results / "table1_v16384.json").write_text(json.dumps(table([40, 40, 40], {"ctf_k512": (512, [38, 39, 37])})))
     (results / "coarse_nll_v1024_k32.json").write_text(json.dumps({"stage1_coarse_nll": 1.5,
-                                                                   "baseline_coarse_nll": 1.2}))
+                                                                   "baseline_coarse_nll": 1.2,
+                                                                   "ctf_fine_nll": 4.0, "tokens": 9}))
     (results / "tokenizer_v1024.json").write_text(json.dumps({"psnr": 25.0, "codebook_usage": 0.5,
                                                               "codes_used": 512}))
     result = run(results, tmp_path / "sweep.json")
@@ -46,7 +47,8 @@ def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
         (16384, "ctf", 512)]
     k32 = result["rows"][1]
     assert k32["fid"] == [45, 45, 48] and k32["fid_mean"] == 46
-    assert (k32["stage1_coarse_nll"], k32["baseline_coarse_nll"]) == (1.5, 1.2)
+    assert (k32["stage1_coarse_nll"], k32["baseline_coarse_nll"], k32["ctf_fine_nll"]) == (1.5, 1.2, 4.0)
+    assert "tokens" not in k32 and "baseline_fine_nll" not in k32  # the NLLs only, those the file has
     assert "stage1_coarse_nll" not in result["rows"][2]  # no file for K = 128
     assert result["tokenizers"][0] == {"vocab_size": 1024, "training": 1, "psnr": 25.0, "codebook_usage": 0.5,
                                        "codes_used": 512, "rfid": None}
