@@ -52,6 +52,7 @@ def model_rows(vocab: int, training: int, table: dict, results: Path) -> list[di
             values = [draw[metric] for draw in entry["draws"]]
             row[metric] = values
             row[f"{metric}_mean"] = statistics.mean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None  # as table1.py's
         moved = held_out_moved(entry["pipeline"], ("stage1", "stage2") if k is not None else ("baseline",))
         if moved is not None:
             row["held_out_loss_moved_last_quarter"] = moved

@@ -46,7 +46,7 @@ def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
         (1024, "baseline", None), (1024, "ctf", 32), (1024, "ctf", 128), (16384, "baseline", None),
         (16384, "ctf", 512)]
     k32 = result["rows"][1]
-    assert k32["fid"] == [45, 45, 48] and k32["fid_mean"] == 46
+    assert k32["fid"] == [45, 45, 48] and k32["fid_mean"] == 46 and abs(k32["fid_std"] - 3 ** 0.5) < 1e-12
     assert (k32["stage1_coarse_nll"], k32["baseline_coarse_nll"], k32["ctf_fine_nll"]) == (1.5, 1.2, 4.0)
     assert "tokens" not in k32 and "baseline_fine_nll" not in k32  # the NLLs only, those the file has
     assert "stage1_coarse_nll" not in result["rows"][2]  # no file for K = 128
