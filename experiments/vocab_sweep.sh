@@ -9,9 +9,10 @@
 #
 # Every step resumes: `ctfgen fit` skips what is done and continues a training from its last checkpoint, and
 # table1.py reuses the draws already scored, so run this again after an interruption. VOCABS="1024" runs one V.
-# Compute on a 2-core AVX-512 CPU, one thread: per new V a tokenizer (~55 to ~90 min, more codewords slower), its
-# codes (~15 min), three GPT-S and two GPT-XS trainings (~5 h 15 min), nine draws (~45 min): about 7 h. The baseline
-# and K = V/32 are measured before K = V/8 is trained, and docs/vocab_sweep.json is rewritten after each measurement.
+# Compute on a 2-core AVX-512 CPU, one thread per V: V = 1,024 about 6 h (a tokenizer ~55 min, three GPT-S trainings
+# ~75 min each, two GPT-XS ~25 min each, nine draws ~45 min); V = 16,384 about twice that, its 16,384-way heads making
+# stage 2 (~1 h 50 min) and the baseline (~2 h 50 min) two and a half times slower. The baseline and K = V/32 are
+# measured before K = V/8 is trained, and docs/vocab_sweep.json is rewritten after each measurement.
 # Edit this file by replacing it (write a copy, then mv): bash reads a running script as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
