@@ -41,11 +41,12 @@ def cluster_log_probs(fine_log_probs: torch.Tensor, cluster_of: torch.Tensor, k:
     return mass.clamp_min(1e-30).log()
 
 
-def within_cluster_nll(fine_log_probs: torch.Tensor, fine: torch.Tensor, cluster_of: torch.Tensor, k: int) -> float:
-    """Summed NLL of the true fine tokens [B, T] among their own cluster's members (renormalised within it)."""
+def within_cluster_nll(fine_log_probs: torch.Tensor, clusters: torch.Tensor, fine: torch.Tensor,
+                       coarse: torch.Tensor) -> float:
+    """Summed NLL of the true fine tokens [B, T] among their own cluster's members (renormalised within it), from the
+    fine log-probabilities [B, T, V] and the clusters' (`cluster_log_probs`) [B, T, K]."""
     own = fine_log_probs.gather(-1, fine[..., None])[..., 0]
-    cluster = cluster_log_probs(fine_log_probs, cluster_of, k).gather(-1, cluster_of[fine][..., None])[..., 0]
-    return float(-(own - cluster).sum())
+    return float(-(own - clusters.gather(-1, coarse[..., None])[..., 0]).sum())
 
 
 def main() -> None:
@@ -72,13 +73,15 @@ def main() -> None:
             coarse = cluster_of[fine]
             stage1_logits, _ = pipe.stage1(coarse, labels)
             baseline_fine = baseline(fine, labels)[0].log_softmax(-1)
-            for name, log_probs in (("stage1", stage1_logits.log_softmax(-1)),
-                                    ("baseline", cluster_log_probs(baseline_fine, cluster_of, k))):
+            baseline_clusters = cluster_log_probs(baseline_fine, cluster_of, k)
+            for name, log_probs in (("stage1", stage1_logits.log_softmax(-1)), ("baseline", baseline_clusters)):
                 nll, correct = coarse_nll(log_probs, coarse)
                 totals[name][0] += nll
                 totals[name][1] += correct
-            within["baseline"] += within_cluster_nll(baseline_fine, fine, cluster_of, k)
-            within["stage2"] += within_cluster_nll(pipe.stage2(coarse, labels)[0].log_softmax(-1), fine, cluster_of, k)
+            within["baseline"] += within_cluster_nll(baseline_fine, baseline_clusters, fine, coarse)
+            stage2_fine = pipe.stage2(coarse, labels)[0].log_softmax(-1)
+            within["stage2"] += within_cluster_nll(stage2_fine, cluster_log_probs(stage2_fine, cluster_of, k), fine,
+                                                   coarse)
             tokens += coarse.numel()
     mean = {f"{name}_coarse_nll": nll / tokens for name, (nll, _) in totals.items()}
     mean |= {f"{name}_within_nll": nll / tokens for name, nll in within.items()}

@@ -9,12 +9,13 @@ Reads what experiments/vocab_sweep.sh leaves in --results for each vocabulary si
     reconstruction_vV.json  `ctfgen eval --reconstruction --json`: the reconstructions' FID (rFID)
     coarse_nll_vV_kK.json   experiments/coarse_nll.py: next-coarse-label NLL of stage 1 and of the baseline, and
                             each model's NLL of the fine tokens split into coarse and within-cluster parts
-and writes one JSON: a row per (V, training, model, K) with each metric per draw and its mean (and, for a pipeline
-that `ctfgen fit` made, how far each of its models' held-out loss moved over the last quarter of training, from the
-fit's report.json), the tokenizers, and the verdict (for each V the best CTF's mean FID over the baseline's; whether
-that ratio falls as V grows, and whether it goes below 1). A V whose table is not there yet is left out and named under "missing". Files named `..._vV_tN...`
-are a further training N of V's recipe (training 1 has no suffix): their rows carry "training": N, the verdict is
-taken on training 1, and "training_noise" sets each V's trainings side by side.
+and writes one JSON: a row per (V, training, model, K) with each metric per draw, its mean and standard deviation
+(and, for a pipeline that `ctfgen fit` made, how far each of its models' held-out loss moved over the last quarter of
+training, from the fit's report.json), the tokenizers, and the verdict (for each V the best CTF's mean FID over the
+baseline's; whether that ratio falls as V grows, and whether it goes below 1). A V whose table is not there yet is
+left out and named under "missing". Files named `..._vV_tN...` are a further training N of V's recipe (training 1
+has no suffix): their rows carry "training": N, the verdict is taken on training 1, and "training_noise" sets each
+V's trainings side by side.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_coarse_plus_within_cluster_nll_is_the_fine_nll():
     probs = log_probs.exp()
     assert torch.allclose(clusters.exp()[..., 2], probs[..., 1] + probs[..., 4] + probs[..., 5])
 
-    within = script.within_cluster_nll(log_probs, fine, cluster_of, 3)
+    within = script.within_cluster_nll(log_probs, clusters, fine, coarse)
     by_hand = 0.0
     for b in range(2):
         for t in range(3):
