@@ -66,8 +66,12 @@ for V in ${VOCABS:-4096 1024 16384}; do
     MAIN=$RUNS/v${V}_k$K1/pipeline CODES=$RUNS/v${V}_k$K1/codes/val
   fi
   measure_pair "v$V" "$MAIN" "$CODES" "$K1"
-  $CTFGEN fit --data fmnist --preset small --tokenizer "$MAIN/tokenizer" --k "$K2" --no-baseline \
-    --out "$RUNS/v${V}_k$K2"
+  # K = V/8 reuses K = V/32's tokenizer: the pipeline's copy, or at V = 16,384 the trained checkpoint itself (the
+  # same weights in fp32, the ones that made the baseline's token grids), so that K = 2,048 could start while the
+  # baseline still trained
+  TOKENIZER=$MAIN/tokenizer
+  [ "$V" = 16384 ] && TOKENIZER=$RUNS/v${V}_k$K1/runs/tokenizer/checkpoint
+  $CTFGEN fit --data fmnist --preset small --tokenizer "$TOKENIZER" --k "$K2" --no-baseline --out "$RUNS/v${V}_k$K2"
   measure_ctf "v$V" "$MAIN" "$CODES" "$K2" "$RUNS/v${V}_k$K2/pipeline"
   if [ "$V" = 4096 ] && [ -d runs/fit_fmnist_png/pipeline ]; then
     measure_pair v4096_t2 runs/fit_fmnist_png/pipeline runs/fit_fmnist_png/codes/val 128
