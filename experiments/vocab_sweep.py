@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from ctfgen.files import write_atomic
+from ctfgen.fit.report import last_quarter_drop
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")
 NLL_FIELDS = ("stage1_coarse_nll", "baseline_coarse_nll", "stage2_within_nll", "baseline_within_nll", "ctf_fine_nll",
@@ -72,13 +73,7 @@ def held_out_moved(pipeline: str, stages: tuple[str, ...]) -> dict | None:
     report = read(Path(pipeline).parent / "report.json")
     if report is None:
         return None
-    moved = {}
-    for stage in stages:
-        curve = report["training"][stage]
-        steps, losses = curve["steps"], curve["eval_loss"]
-        start = next(i for i, step in enumerate(steps) if 4 * step >= 3 * steps[-1])
-        moved[stage] = losses[-1] - losses[start]
-    return moved
+    return {stage: -last_quarter_drop(report["training"][stage]) for stage in stages}
 
 
 def tokenizer_row(vocab: int, training: int, results: Path) -> dict:

@@ -26,6 +26,7 @@ from ctfgen.errors import CtfgenError
 from ctfgen.files import held_alone
 from ctfgen.fit.data import scan_folder, write_layout
 from ctfgen.fit.presets import resolve
+from ctfgen.fit.report import STILL_FALLING, last_quarter_drop
 
 SHAPES = {"circle": (230, 60, 40), "square": (40, 200, 80), "triangle": (60, 90, 240)}
 SIZES = [(20, 24), (40, 32), (64, 64), (33, 47)]
@@ -126,6 +127,9 @@ def test_fit_tiny_end_to_end_then_sample(fitted, shapes, tmp_path):
     assert report["tokenizer"]["n_images"] == 9
     assert set(report["training"]) == {"stage1", "stage2", "baseline"}
     assert all(len(curve["eval_loss"]) == 4 for curve in report["training"].values())  # every 10 of 40 steps
+    for stage, curve in report["training"].items():  # a loss still falling is flagged, and only then
+        falling = curve["fell_last_quarter"] > STILL_FALLING * curve["eval_loss"][-1]
+        assert falling == any(note.startswith(f"{stage}'s held-out loss was still falling") for note in report["notes"])
     assert report["fid"] == {} and any("no FID" in note for note in report["notes"])
     figures = {"report/samples_ctf.png", "report/samples_baseline.png"}
     try:
@@ -135,8 +139,16 @@ def test_fit_tiny_end_to_end_then_sample(fitted, shapes, tmp_path):
         assert any("matplotlib is not installed" in note for note in report["notes"])
     assert set(report["figures"]) == figures and all((out / name).is_file() for name in figures)
     text = (out / "report.md").read_text()
-    assert "broken.png" in text and "![report/samples_ctf.png]" in text
+    assert "broken.png" in text and "![report/samples_ctf.png]" in text and "fell over the last quarter" in text
     print(f"tiny preset fit: {seconds:.1f}s")
+
+
+def test_last_quarter_drop_reads_from_three_quarters_of_the_steps_to_the_last():
+    curve = {"steps": [100, 200, 300, 400], "eval_loss": [5.0, 4.5, 4.25, 4.0]}
+    assert last_quarter_drop(curve) == pytest.approx(0.25)  # 4.25 at step 300 to 4.0 at 400, not from 4.5
+    assert last_quarter_drop({"steps": [100, 350, 400], "eval_loss": [5.0, 3.9, 4.0]}) == pytest.approx(-0.1)  # rose
+    assert last_quarter_drop({"steps": [100, 400], "eval_loss": [5.0, 4.0]}) is None  # one measurement in it
+    assert last_quarter_drop({"steps": [], "eval_loss": []}) is None
 
 
 def test_rerun_redoes_nothing(fitted, shapes):

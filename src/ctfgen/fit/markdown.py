@@ -30,10 +30,12 @@ def report_markdown(report: dict) -> str:
               "", "## Training", "",
               f"{config['steps']} steps of batch {config['batch_size']} each; held-out cross-entropy in nats per token "
               "(stage 2: given the true coarse labels).", "",
-              "| model | preset | held-out loss | held-out accuracy |", "| --- | --- | --- | --- |"]
+              "| model | preset | held-out loss | fell over the last quarter | held-out accuracy |",
+              "| --- | --- | --- | --- | --- |"]
     for stage, curve in report["training"].items():
         last = (curve["eval_loss"][-1], curve["eval_acc"][-1]) if curve["eval_loss"] else (None, None)
-        lines.append(f"| {stage} | {config[stage + '_model']} | {_number(last[0])} | {_number(last[1])} |")
+        lines.append(f"| {stage} | {config[stage + '_model']} | {_number(last[0])} | "
+                     f"{_number(curve['fell_last_quarter'])} | {_number(last[1])} |")
     lines.append("")
     lines += [f"![{name}]({name})" for name in report["figures"] if "/loss_" in name]
     lines += ["", "## Samples", "", f"{config['grid_per_class']} samples of each class (a row per class), seed "

@@ -23,6 +23,9 @@ from ctfgen.fit.markdown import report_markdown
 from ctfgen.fit.steps import LOG_EVERY
 
 SAMPLE_BATCH = 250
+# A held-out loss that fell by more than this share over the last quarter of training is still falling: the model
+# has not converged and more steps would help (the 5-epoch small preset under-trains a 16,384-word baseline: 1.4%).
+STILL_FALLING = 0.01
 
 
 def evaluate_and_report(ctx) -> dict:
@@ -40,6 +43,14 @@ def evaluate_and_report(ctx) -> dict:
     report["tokenizer"] = evaluate_tokenizer(pipe.tokenizer, held_out, progress=ctx.progress)
     report["training"] = {stage: loss_curve(ctx.out / "runs" / stage / "metrics.jsonl", c.steps)
                           for stage in ("stage1", "stage2", "baseline") if stage != "baseline" or c.baseline}
+    for stage, curve in report["training"].items():
+        drop = last_quarter_drop(curve)
+        curve["fell_last_quarter"] = drop
+        if drop is not None and drop > STILL_FALLING * curve["eval_loss"][-1]:
+            report["notes"].append(
+                f"{stage}'s held-out loss was still falling: it fell {drop:.3f} nats "
+                f"({drop / curve['eval_loss'][-1]:.1%}) over the last quarter of training; more steps should help "
+                f"(`steps` above {c.steps} in a --config TOML; the transformers then train again from the start)")
     figures = loss_figures(report["training"])
     if figures is None:
         figures = {}
@@ -75,6 +86,16 @@ def loss_curve(metrics_path: Path, steps: int) -> dict:
     held = [s for s in sorted(by_step) if "eval_loss" in by_step[s]]
     return {"train_steps": logged, "train_loss": [by_step[s]["loss"] for s in logged], "steps": held,
             "eval_loss": [by_step[s]["eval_loss"] for s in held], "eval_acc": [by_step[s]["eval_acc"] for s in held]}
+
+
+def last_quarter_drop(curve: dict) -> float | None:
+    """How far a run's held-out loss fell over the last quarter of its training (negative: it rose), from the first
+    measurement at or after three quarters of the steps to the last; None without two measurements there."""
+    steps, losses = curve["steps"], curve["eval_loss"]
+    if not steps:
+        return None
+    start = next(i for i, step in enumerate(steps) if 4 * step >= 3 * steps[-1])
+    return losses[start] - losses[-1] if start < len(steps) - 1 else None
 
 
 def loss_figures(curves: dict) -> dict | None:
