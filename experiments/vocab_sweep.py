@@ -85,17 +85,28 @@ def tokenizer_row(vocab: int, training: int, results: Path) -> dict:
 
 
 def verdict(rows: list[dict]) -> dict:
-    """Per V, the best CTF's mean FID over the baseline's (training 1); does it fall with V, and go below 1?"""
+    """Per V, the best CTF's mean FID over the baseline's (training 1); does it fall with V, and go below 1? CTF beats
+    the baseline at a V only where their draws set them apart (mean + std below the baseline's mean - std); where
+    those ranges overlap it ties, whichever mean is lower."""
     rows = [r for r in rows if r["training"] == 1]
-    gap = {}
+    gap, beats, ties = {}, [], []
     for vocab in sorted({r["vocab_size"] for r in rows}):
-        ctf = [r["fid_over_baseline"] for r in rows if r["vocab_size"] == vocab and r["model"] == "ctf"]
-        if ctf:
-            gap[str(vocab)] = min(ctf)
+        ctf = [r for r in rows if r["vocab_size"] == vocab and r["model"] == "ctf"]
+        base = [r for r in rows if r["vocab_size"] == vocab and r["model"] == "baseline"]
+        if not ctf:
+            continue
+        best = min(ctf, key=lambda r: r["fid_over_baseline"])
+        gap[str(vocab)] = best["fid_over_baseline"]
+        if base:
+            apart = abs(best["fid_mean"] - base[0]["fid_mean"]) - best["fid_std"] - base[0]["fid_std"]
+            if apart <= 0:
+                ties.append(vocab)
+            elif best["fid_mean"] < base[0]["fid_mean"]:
+                beats.append(vocab)
     ratios = list(gap.values())
     return {"best_ctf_fid_over_baseline": gap,
             "gap_shrinks_with_vocab": len(ratios) > 1 and all(b < a for a, b in zip(ratios, ratios[1:])),
-            "ctf_beats_baseline_at": [int(v) for v, ratio in gap.items() if ratio < 1]}
+            "ctf_beats_baseline_at": beats, "ctf_ties_baseline_at": ties}
 
 
 def training_noise(rows: list[dict]) -> dict:

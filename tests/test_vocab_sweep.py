@@ -56,6 +56,7 @@ def test_rows_draws_nll_and_a_shrinking_gap(tmp_path):
     verdict = result["verdict"]
     assert verdict["best_ctf_fid_over_baseline"] == {"1024": 41 / 31, "16384": 38 / 40}  # the better K per V
     assert verdict["gap_shrinks_with_vocab"] is True and verdict["ctf_beats_baseline_at"] == [16384]
+    assert verdict["ctf_ties_baseline_at"] == []  # 38 +- 1 against 40 +- 0: apart
 
 
 def test_a_gap_that_grows_is_reported_as_such(tmp_path):
@@ -65,6 +66,17 @@ def test_a_gap_that_grows_is_reported_as_such(tmp_path):
     (results / "table1_v4096.json").write_text(json.dumps(table([30, 30], {"ctf_k128": (128, [36, 36])})))
     verdict = run(results, tmp_path / "sweep.json")["verdict"]
     assert verdict["gap_shrinks_with_vocab"] is False and verdict["ctf_beats_baseline_at"] == []
+    assert verdict["ctf_ties_baseline_at"] == []
+
+
+def test_a_lower_mean_within_the_draws_spread_is_a_tie_not_a_win(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "table1_v1024.json").write_text(json.dumps(table([30, 30, 30], {"ctf_k32": (32, [36, 36, 36])})))
+    (results / "table1_v16384.json").write_text(json.dumps(table([40, 41, 39], {"ctf_k512": (512, [39, 40, 40.5])})))
+    verdict = run(results, tmp_path / "sweep.json")["verdict"]
+    assert verdict["best_ctf_fid_over_baseline"]["16384"] < 1  # a lower mean, 39.83 against 40, std 0.76 and 1
+    assert verdict["ctf_beats_baseline_at"] == [] and verdict["ctf_ties_baseline_at"] == [16384]
 
 
 def test_a_second_training_is_its_own_row_and_not_the_verdict(tmp_path):
