@@ -27,14 +27,14 @@ SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "fmnist"
 # silently. After retraining or exporting the shipped weights (or a deliberate change to sampling), regenerate with
 # `OMP_NUM_THREADS=1 .venv/bin/python tests/test_shipped.py` and paste its output here.
 SAMPLE_SHA256 = {
-    "ctf": "503a4c16141c0db0ea4c943e73b836931639ca476b7feb21391df6f5a9ad42c3",
+    "ctf": "e00bb1c5b902441020bd74efef961e7d27bc604c17c9ecef52bc5621ec92116e",
     "baseline": "f92a48809ffb0832d35f8889a49259002da72cc664554275a4b2d3b4d1cad67d",
     "ctf_preview": "4d50fbd265079b92a32293fc29c5d6c57c44b5a9722600fa21fd9811d67bfd46",
 }
 TUNED = {"sampling": SamplingParams(temperature=0.8, top_k=50, top_p=0.9, cfg_scale=3.0),
          "stage2_sampling": SamplingParams(temperature=0.7, top_k=8)}
 TUNED_SHA256 = {
-    "ctf": "1736d5d790efbd9f74e9fb04ed897977c5c7fdc4c8337d76d761683dcf356d3f",
+    "ctf": "220043f6e3c466c1f221373a569cf70c7c25636104e500cae8e553c3995173d2",
     "baseline": "04ea6b023a7f56fc3eba77a58805e3a8bf1fadd6c8989e575befccf4ecf80896",
     "ctf_preview": "2ce492f5e041bed45d1a158ea8a1f99c81005c55f050050aae8a0b04a9324be3",
 }
