@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import statistics
 import time
@@ -193,7 +194,7 @@ def plot(result: dict, out: str) -> None:
     lines = list(dict.fromkeys(p["line"] for p in points))
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(10, 3.6), dpi=120, sharey=True)
     for ax, batch in zip(axes, map(str, BATCHES)):
-        for line, marker in zip(lines, "osD^v"):
+        for line, marker in zip(lines, itertools.cycle("osD^vPX*")):  # every line drawn, however many
             mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["images_per_s"][batch])
             xs, ys = [p["images_per_s"][batch] for p in mine], [p["fid"] for p in mine]
             drawn = ax.plot(xs, ys, marker=marker, label=line)[0]
