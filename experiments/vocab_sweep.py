@@ -73,7 +73,8 @@ def held_out_moved(pipeline: str, stages: tuple[str, ...]) -> dict | None:
     report = read(Path(pipeline).parent / "report.json")
     if report is None:
         return None
-    return {stage: -last_quarter_drop(report["training"][stage]) for stage in stages}
+    drops = {stage: last_quarter_drop(report["training"][stage]) for stage in stages}
+    return {stage: None if drop is None else -drop for stage, drop in drops.items()}
 
 
 def tokenizer_row(vocab: int, training: int, results: Path) -> dict:
@@ -92,17 +93,17 @@ def verdict(rows: list[dict]) -> dict:
     gap, beats, ties = {}, [], []
     for vocab in sorted({r["vocab_size"] for r in rows}):
         ctf = [r for r in rows if r["vocab_size"] == vocab and r["model"] == "ctf"]
-        base = [r for r in rows if r["vocab_size"] == vocab and r["model"] == "baseline"]
+        base = next((r for r in rows if r["vocab_size"] == vocab and r["model"] == "baseline"), None)
         if not ctf:
             continue
         best = min(ctf, key=lambda r: r["fid_over_baseline"])
         gap[str(vocab)] = best["fid_over_baseline"]
-        if base:
-            apart = abs(best["fid_mean"] - base[0]["fid_mean"]) - best["fid_std"] - base[0]["fid_std"]
-            if apart <= 0:
-                ties.append(vocab)
-            elif best["fid_mean"] < base[0]["fid_mean"]:
-                beats.append(vocab)
+        if base is None:
+            continue
+        if abs(best["fid_mean"] - base["fid_mean"]) <= best["fid_std"] + base["fid_std"]:
+            ties.append(vocab)
+        elif best["fid_mean"] < base["fid_mean"]:
+            beats.append(vocab)
     ratios = list(gap.values())
     return {"best_ctf_fid_over_baseline": gap,
             "gap_shrinks_with_vocab": len(ratios) > 1 and all(b < a for a, b in zip(ratios, ratios[1:])),
